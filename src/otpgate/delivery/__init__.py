@@ -1,0 +1,1 @@
+"""Delivery: the outbox worker and the providers (local inbox, SMTP, HTTP SMS)."""

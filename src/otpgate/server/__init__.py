@@ -1,0 +1,1 @@
+"""The ASGI server: the signed API and the ops endpoints."""

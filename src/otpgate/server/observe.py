@@ -1,0 +1,41 @@
+"""Metrics for the ops endpoint ``/metrics`` (Prometheus text format).
+
+Recording is a counter increment and a histogram observation: a few microseconds, nothing
+beside the ~1 ms of RSA every request pays anyway.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class RequestRecorder:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "otpgate_requests", "API answers by API and result code", ["api", "result_code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "otpgate_request_seconds", "Time to answer, by API", ["api"], buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.outbox_depth = Gauge(
+            "otpgate_outbox_queued", "Messages waiting in the outbox", registry=self.registry
+        )
+        self.deliveries = Counter(
+            "otpgate_deliveries", "Delivery attempts by provider and outcome",
+            ["provider", "outcome"], registry=self.registry,
+        )
+
+    def record(self, api: str, result_code: str, seconds: float) -> None:
+        self.requests.labels(api, result_code).inc()
+        self.latency.labels(api).observe(seconds)
+
+    def delivery(self, provider: str, outcome: str) -> None:
+        self.deliveries.labels(provider, outcome).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

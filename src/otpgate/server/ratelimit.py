@@ -1,0 +1,40 @@
+"""The per-client request rate (PROTOCOL.md §6), through the ``limits`` library.
+
+In-process memory on the embedded default (approximate per worker process, as the protocol
+allows), Redis when ``REDIS_URL`` is set (global across processes and nodes).
+"""
+
+from __future__ import annotations
+
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import FixedWindowRateLimiter
+
+
+class ClientRateLimiter:
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._limiter = FixedWindowRateLimiter(storage)
+        self._items: dict[int, RateLimitItemPerSecond] = {}
+
+    @classmethod
+    def in_memory(cls) -> ClientRateLimiter:
+        return cls(MemoryStorage())
+
+    @classmethod
+    def redis(cls, url: str, prefix: str) -> ClientRateLimiter:
+        options = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
+        uri = url.replace("redis://", "async+redis://", 1)
+        storage = RedisStorage(uri, implementation="redispy", key_prefix=f"{prefix}:rate", **options)
+        return cls(storage)
+
+    async def hit(self, key: str, per_second: int) -> bool:
+        if per_second <= 0:
+            return True
+        item = self._items.get(per_second)
+        if item is None:
+            item = self._items[per_second] = RateLimitItemPerSecond(per_second)
+        return await self._limiter.hit(item, key)
+
+    async def ping(self) -> bool:
+        return bool(await self._storage.check())

@@ -1,0 +1,26 @@
+"""Stores: the embedded SQLite default and PostgreSQL, behind one interface (``core.ports``)."""
+
+from __future__ import annotations
+
+from otpgate.config import Settings
+from otpgate.datadir import load_secrets
+from otpgate.store.sealing import Sealer
+from otpgate.store.sqlite import SqliteStore, StoreConflict
+
+__all__ = ["SqliteStore", "StoreConflict", "open_store"]
+
+
+async def open_store(settings: Settings, *, migrate: bool = False) -> SqliteStore:
+    """The store the settings name, with the data dir's sealing key."""
+    sealer = Sealer(load_secrets(settings).sealing_key)
+    if settings.uses_sqlite:
+        store = SqliteStore(settings.sqlite_path, sealer)
+        if migrate:
+            store.migrate()
+        return store
+    from otpgate.store.postgres import PostgresStore  # imported lazily: asyncpg is scale-out only
+
+    pg = await PostgresStore.connect(settings.database_url, sealer)
+    if migrate:
+        await pg.migrate()
+    return pg  # type: ignore[return-value]

@@ -1,0 +1,67 @@
+"""The audit hash chain, shared by every store and by ``otpgate audit verify``.
+
+Each row's hash covers its content and the previous row's hash, so editing, deleting or
+inserting a row breaks the chain at that row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+GENESIS = b"\x00" * 32
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    seq: int
+    at: float
+    api: str
+    client_id: str
+    request_id: str | None
+    user_id: str | None
+    result_code: str
+    detail: str
+    prev_hash: bytes
+    row_hash: bytes
+
+
+def row_hash(
+    prev_hash: bytes,
+    seq: int,
+    at: float,
+    api: str,
+    client_id: str,
+    request_id: str | None,
+    user_id: str | None,
+    result_code: str,
+    detail: str,
+) -> bytes:
+    content = json.dumps(
+        [seq, repr(float(at)), api, client_id, request_id, user_id, result_code, detail],
+        ensure_ascii=True,
+        separators=(",", ":"),
+    ).encode()
+    return hashlib.sha256(prev_hash + content).digest()
+
+
+def first_broken_row(rows: Iterable[AuditRow]) -> tuple[int, str] | None:
+    """The seq of the first row that breaks the chain and why, or None when intact."""
+    prev = GENESIS
+    expected_seq: int | None = None
+    for row in rows:
+        if expected_seq is not None and row.seq != expected_seq:
+            return row.seq, f"row {expected_seq} is missing (found {row.seq} after it)"
+        if row.prev_hash != prev:
+            return row.seq, "previous-hash link does not match (row deleted or inserted)"
+        computed = row_hash(
+            row.prev_hash, row.seq, row.at, row.api, row.client_id, row.request_id,
+            row.user_id, row.result_code, row.detail,
+        )
+        if computed != row.row_hash:
+            return row.seq, "row content does not match its hash (row edited)"
+        prev = row.row_hash
+        expected_seq = row.seq + 1
+    return None
