@@ -77,6 +77,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", gateway.content_type)
         self.send_header("Content-Length", str(len(gateway.body)))
         self.end_headers()
+        if not gateway.trickle:
+            self.wfile.write(gateway.body)
+            return
         for index in range(len(gateway.body)):
             self.wfile.write(gateway.body[index : index + 1])
             self.wfile.flush()
@@ -256,6 +259,17 @@ async def test_twilio_preset_posts_form_fields_with_basic_auth(gateway: Gateway)
     assert scheme == "Basic"
     assert base64.b64decode(credentials) == b"AC0123:tok3n"
     assert "Idempotency-Key" not in request.headers
+
+
+async def test_twilio_credentials_in_the_url(gateway: Gateway) -> None:
+    gateway.status = 201
+    url = gateway.url.replace("http://", "http://AC0123:tok3n@")
+    provider = HttpSmsProvider(url=url, preset="twilio", from_number="+15005550006")
+    await provider.send(MESSAGE)
+    await provider.aclose()
+    credentials = gateway.requests[0].headers["Authorization"].removeprefix("Basic ")
+    assert base64.b64decode(credentials) == b"AC0123:tok3n"
+    assert "tok3n" not in repr(provider)
 
 
 async def test_twilio_messaging_service_sid(gateway: Gateway) -> None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from aiosmtpd.smtp import SMTP as SMTPServer
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -422,9 +422,7 @@ async def test_starttls_against_a_server_without_it_is_permanent(smtp_server: Co
     assert "STARTTLS" in str(info.value)
 
 
-async def test_tls_none_never_upgrades(
-    starttls_server: Controller, collector: Collector
-) -> None:
+async def test_tls_none_never_upgrades(starttls_server: Controller, collector: Collector) -> None:
     # The server insists on STARTTLS; with tls="none" the provider must not upgrade on its own.
     provider = provider_for(starttls_server)
     with pytest.raises(PermanentDeliveryError) as info:

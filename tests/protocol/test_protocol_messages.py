@@ -220,7 +220,10 @@ def test_init_rules(data: bytes, message: str) -> None:
         (body(VERIFY, authenticationValue="12a456"), "authenticationValue must be digits"),
         (body(VERIFY, authenticationValue=" 123456"), "authenticationValue must be digits"),
         (body(VERIFY, authenticationValue="-12345"), "authenticationValue must be digits"),
-        (body(VERIFY, authenticationValue="\u0661\u0662\u0663"), "authenticationValue must be digits"),
+        (
+            body(VERIFY, authenticationValue="\u0661\u0662\u0663"),
+            "authenticationValue must be digits",
+        ),
         (body(VERIFY, authenticationValue="\uff11\uff12"), "authenticationValue must be digits"),
         (
             body(VERIFY, authenticationValue="1" * 257),
@@ -240,8 +243,9 @@ def test_verify_rules(data: bytes, message: str) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
 field_names = st.sampled_from([*INIT, *VERIFY, "extra"])
@@ -284,9 +288,7 @@ def test_deep_nesting(depth: int, opener: bytes) -> None:
     _only_protocol_errors(b'{"authenticationValue":' + nested + b"}")
 
 
-safe_text = st.text(
-    st.characters(exclude_categories=("Cs", "Cc")), min_size=1, max_size=64
-)
+safe_text = st.text(st.characters(exclude_categories=("Cs", "Cc")), min_size=1, max_size=64)
 
 
 @given(
@@ -297,7 +299,9 @@ safe_text = st.text(
 )
 def test_valid_requests_round_trip(request_id: str, token: str, channel: str, code: str) -> None:
     init = body(
-        INIT, authenticationRequestId=request_id, userIdentityValue=token,
+        INIT,
+        authenticationRequestId=request_id,
+        userIdentityValue=token,
         authenticationChannelType=channel,
     )
     assert decode_init_request(init) == InitAuthenticationRequest(
@@ -374,7 +378,7 @@ def test_messages_are_at_most_64_characters(message: str, code: ResultCode) -> N
             assert text == message
         else:
             assert text == message[:61] + "..."
-        assert list(decoded)[0] == "result"
+        assert next(iter(decoded)) == "result"
 
 
 def test_long_message_is_clipped_with_ellipsis() -> None:

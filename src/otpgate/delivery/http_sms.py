@@ -13,8 +13,9 @@ Presets say how a message becomes an HTTP request:
     form-encoded ``POST`` of ``To``, ``Body`` and ``From`` (the ``from_number`` argument, an E.164
     number or alphanumeric sender id; a Messaging Service SID ``MG…`` is sent as
     ``MessagingServiceSid`` instead).  Credentials are HTTP basic auth with the Account SID (or an
-    API key SID) as user and the auth token (or API key secret) as password, passed as
-    ``basic_auth=(user, password)``; a ready-made ``Authorization`` header in ``headers`` works too.
+    API key SID) as user and the auth token (or API key secret) as password: pass them as
+    ``basic_auth=(user, password)``, write them into the URL (``https://AC…:token@api.twilio.com/…``,
+    httpx turns that into basic auth) or put a ready-made ``Authorization`` header in ``headers``.
     Twilio answers ``201 Created`` on success.
 
 ``headers`` (``SMS_HTTP_HEADERS``) are added to every request of every preset, e.g. an API key.
@@ -174,7 +175,7 @@ Preset = Callable[[OutgoingMessage, str | None], dict[str, Any]]
 def _json_preset(message: OutgoingMessage, from_number: str | None) -> dict[str, Any]:
     return {
         "json": {"to": message.destination, "text": message.text},
-        "headers": {"Idempotency-Key": message.message_id},
+        
     }
 
 

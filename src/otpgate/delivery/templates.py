@@ -61,7 +61,9 @@ _EN = Template(
 )
 
 _ES = Template(
-    sms="Tu código de verificación de {brand} es {code}. Caduca en {minutes}. No lo compartas.",
+    # Short on purpose: "ó" is not in the GSM-7 alphabet, so this SMS goes out as UCS-2, where a
+    # single segment holds only 70 characters.
+    sms="Código de {brand}: {code}. Caduca en {minutes}. No lo compartas.",
     subject="Tu código de verificación de {brand}",
     email=(
         "Hola:\n"
