@@ -72,7 +72,9 @@ def test_success_init_and_verify(world: World) -> None:
         ({**init_body("x", "t"), "authenticationRequestId": 42}, "authenticationRequestId"),
     ],
 )
-def test_param_illegal_init_body(world: World, body: dict[str, object] | bytes, message: str) -> None:
+def test_param_illegal_init_body(
+    world: World, body: dict[str, object] | bytes, message: str
+) -> None:
     expect(world.server.post(world.merchant, INIT, body), "PARAM_ILLEGAL", "F", message)
 
 
@@ -82,7 +84,9 @@ def test_param_illegal_non_numeric_code(world: World) -> None:
 
 def test_param_illegal_stale_request_time(world: World) -> None:
     stale = str(int((time.time() - 3600) * 1000))
-    answer = world.server.post(world.merchant, INIT, init_body("r1", world.token), request_time=stale)
+    answer = world.server.post(
+        world.merchant, INIT, init_body("r1", world.token), request_time=stale
+    )
     expect(answer, "PARAM_ILLEGAL", "F", "Request-Time")
 
 
@@ -145,7 +149,9 @@ def test_client_invalid_disabled_client(world: World) -> None:
 
 def test_client_invalid_sandbox_path_for_normal_client(world: World) -> None:
     answer = world.server.post(
-        world.merchant, INIT, init_body("r", world.token),
+        world.merchant,
+        INIT,
+        init_body("r", world.token),
         path="/ams/sandbox/api/v1/users/initAuthentication",
     )
     expect(answer, "CLIENT_INVALID", "F", "sandbox")
@@ -173,7 +179,9 @@ def test_signature_invalid(world: World, header: str | None, message: str) -> No
 def test_signature_invalid_when_signed_content_differs(world: World) -> None:
     # The signature covers path, client id, Request-Time and the exact body bytes.
     forged_time = world.server.post(
-        world.merchant, INIT, init_body("r-tamper", world.token),
+        world.merchant,
+        INIT,
+        init_body("r-tamper", world.token),
         headers={"Request-Time": str(int(time.time() * 1000) + 1)},
     )
     expect(forged_time, "SIGNATURE_INVALID", "F", "verify")
@@ -275,13 +283,21 @@ def test_authentication_request_id_invalid_superseded_and_used(
         (old_code,) = inbox_codes(data, "alice")
         assert server.post(merchant, INIT, init_body("new", token)).code == "SUCCESS"
         new_code = inbox_codes(data, "alice", count=2)[0]
-        expect(server.post(merchant, VERIFY, verify_body("old", old_code)),
-               "AUTHENTICATION_REQUEST_ID_INVALID", "F", "newer")
+        expect(
+            server.post(merchant, VERIFY, verify_body("old", old_code)),
+            "AUTHENTICATION_REQUEST_ID_INVALID",
+            "F",
+            "newer",
+        )
         expect(server.post(merchant, VERIFY, verify_body("new", new_code)), "SUCCESS", "S")
         # A retry with the same value is the same success; any other value is refused.
         expect(server.post(merchant, VERIFY, verify_body("new", new_code)), "SUCCESS", "S")
-        expect(server.post(merchant, VERIFY, verify_body("new", wrong_code(new_code))),
-               "AUTHENTICATION_REQUEST_ID_INVALID", "F", "completed")
+        expect(
+            server.post(merchant, VERIFY, verify_body("new", wrong_code(new_code))),
+            "AUTHENTICATION_REQUEST_ID_INVALID",
+            "F",
+            "completed",
+        )
 
 
 def test_authentication_request_id_invalid_expired(tmp_path: Path) -> None:
@@ -293,8 +309,12 @@ def test_authentication_request_id_invalid_expired(tmp_path: Path) -> None:
         assert server.post(merchant, INIT, init_body("r-exp", token)).code == "SUCCESS"
         (code,) = inbox_codes(data, "alice")
         time.sleep(1.3)
-        expect(server.post(merchant, VERIFY, verify_body("r-exp", code)),
-               "AUTHENTICATION_REQUEST_ID_INVALID", "F", "expired")
+        expect(
+            server.post(merchant, VERIFY, verify_body("r-exp", code)),
+            "AUTHENTICATION_REQUEST_ID_INVALID",
+            "F",
+            "expired",
+        )
 
 
 def test_every_catalogue_code_is_covered() -> None:

@@ -178,8 +178,9 @@ class SdkMerchant:
     """A merchant integration: the SDK's DefaultAlipayClient and its users requests."""
 
     def __init__(self, merchant: Merchant, alipay_public_key: str,
-                 private_key: RSAPrivateKey | None = None) -> None:
+                 private_key: RSAPrivateKey | None = None, key_version: str | None = None) -> None:
         self.client_id = merchant.client_id
+        self.key_version = key_version  # None: the SDK's default, "1"
         self.client = DefaultAlipayClient(
             GATEWAY,
             merchant.client_id,
@@ -205,6 +206,7 @@ class SdkMerchant:
         return self._execute(request)
 
     def _execute(self, request: AlipayRequest) -> dict[str, Any]:
+        request.key_version = self.key_version
         # execute() verifies the response signature itself and raises if it is missing/bad.
         body: dict[str, Any] = json.loads(self.client.execute(request))
         return body
@@ -359,6 +361,22 @@ def test_sdk_production_client_on_sandbox_path_is_client_invalid(world: World, w
     assert result(init) == ("SUCCESS", "S"), init
 
 
+@pytest.mark.parametrize("client_state", ["unknown", "disabled"])
+def test_sdk_accepts_signed_client_invalid(world: World, wire: Wire, client_state: str) -> None:
+    """Errors before any key is known are still signed, for the client id the SDK sent."""
+    data_dir = world.server.data_dir
+    merchant = world.merchant
+    if client_state == "unknown":
+        merchant = Merchant("M_NOBODY", random_private_key())
+    else:
+        cli_json(data_dir, "client", "disable", "M_SHOP")  # before any request: nothing cached
+    sdk = SdkMerchant(merchant, server_public_key(data_dir))
+    answer = sdk.init(new_request_id(), world.token)
+    assert wire.sent[-1].headers["client-id"] == merchant.client_id
+    assert result(answer) == ("CLIENT_INVALID", "F"), answer
+    assert inbox_codes(data_dir, world.user_id, timeout=0.5) == []
+
+
 def test_sdk_rejects_answer_signed_by_another_key(world: World, wire: Wire) -> None:
     """With a wrong alipay_public_key the SDK refuses our answer: it really verifies it."""
     data_dir = world.server.data_dir
@@ -386,6 +404,37 @@ def test_sdk_signed_with_unregistered_key_gets_signature_invalid(
     init = sdk.init(new_request_id(), world.token)
     assert result(init) == ("SIGNATURE_INVALID", "F"), init
     assert inbox_codes(data_dir, world.user_id, timeout=0.5) == []
+
+
+def test_sdk_key_version_selects_the_registered_key(world: World, wire: Wire) -> None:
+    """Key rotation as the SDK does it: `request.key_version` goes into the Signature header."""
+    data_dir = world.server.data_dir
+    new_key = random_private_key()
+    pem = data_dir / "M_SHOP-v2.pem"
+    pem.write_bytes(new_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ))
+    cli_json(data_dir, "client", "key-add", "M_SHOP", "--public-key", str(pem),
+             "--key-version", "2")
+    alipay_public_key = server_public_key(data_dir)
+
+    # The new key announced as version 1 does not verify against version 1's key.
+    wrong_version = SdkMerchant(world.merchant, alipay_public_key, private_key=new_key)
+    answer = wrong_version.init(new_request_id(), world.token)
+    assert result(answer) == ("SIGNATURE_INVALID", "F"), answer
+
+    unknown = SdkMerchant(world.merchant, alipay_public_key, private_key=new_key, key_version="3")
+    answer = unknown.init(new_request_id(), world.token)
+    assert wire.sent[-1].headers["Signature"].startswith("algorithm=RSA256,keyVersion=3,")
+    assert result(answer) == ("KEY_NOT_FOUND", "F"), answer
+
+    rotated = SdkMerchant(world.merchant, alipay_public_key, private_key=new_key, key_version="2")
+    request_id = new_request_id()
+    answer = rotated.init(request_id, world.token)
+    assert result(answer) == ("SUCCESS", "S"), answer
+    passed = rotated.verify(request_id, one_code(data_dir, world.user_id))
+    assert result(passed) == ("SUCCESS", "S"), passed
+    assert passed["isPassed"] is True
 
 
 def test_sdk_signature_tool_verifies_harness_answers(world: World) -> None:

@@ -1,3 +1,3 @@
-"""otpgate: a self-hosted OTP authentication service speaking Alipay's signed global API protocol."""
+"""otpgate: self-hosted OTP authentication speaking Alipay's signed global API protocol."""
 
 __version__ = "0.1.0"

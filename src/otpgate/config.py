@@ -99,20 +99,18 @@ def _coerce(name: str, raw: Any) -> Any:
                 return False
             raise ValueError(raw)
         if kind == "int":
-            value = int(raw)
-            if value < 0:
+            number = int(raw)
+            if number < 0:
                 raise ValueError(raw)
-            return value
+            return number
         if kind == "float":
-            value = float(raw)
-            if not value >= 0:
+            real = float(raw)
+            if not real >= 0:
                 raise ValueError(raw)
-            return value
+            return real
         return str(raw)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"{name.upper()} must be a non-negative {kind}, got {raw!r}"
-        ) from None
+        raise ConfigError(f"{name.upper()} must be a non-negative {kind}, got {raw!r}") from None
 
 
 def load_settings(data_dir: str | os.PathLike[str] | None = None) -> Settings:

@@ -127,6 +127,12 @@ def provider_for(controller: Controller, **overrides: Any) -> SmtpProvider:
     return SmtpProvider(**options)
 
 
+def unfolded(value: str) -> str:
+    """A header value as a reader sees it: long Message-IDs are folded onto their own line
+    (legal, RFC 5322 §3.2.2), and Python keeps the folding whitespace in the parsed value."""
+    return re.sub(r"\s+", " ", value).strip()
+
+
 def assert_code_free(exc: BaseException) -> None:
     assert CODE not in str(exc)
     assert "verification code is" not in str(exc)
@@ -160,7 +166,7 @@ async def test_sends_plain_text_email_with_headers(
     sent_at = email.utils.parsedate_to_datetime(mail["Date"]).replace(tzinfo=dt.UTC)
     assert before - dt.timedelta(seconds=1) <= sent_at <= dt.datetime.now(dt.UTC)
 
-    message_id = mail["Message-ID"]
+    message_id = unfolded(mail["Message-ID"])
     assert re.fullmatch(r"<[A-Za-z0-9._-]+@acme\.example>", message_id), message_id
     assert "0f8e6c2a-1" in message_id
     assert mail["Auto-Submitted"] == "auto-generated"
@@ -174,11 +180,27 @@ async def test_message_ids_are_unique_and_sanitised(
     await provider.send(otp_message(message_id="row 42 <x@y>"))
     await provider.send(otp_message(message_id="row 42 <x@y>"))
 
-    first, second = collector.parsed(0)["Message-ID"], collector.parsed(1)["Message-ID"]
+    first = unfolded(collector.parsed(0)["Message-ID"])
+    second = unfolded(collector.parsed(1)["Message-ID"])
     assert first != second
     for value in (first, second):
         assert re.fullmatch(r"<[A-Za-z0-9._-]+@acme\.example>", value), value
         assert "row-42--x-y-" in value
+
+
+async def test_long_message_id_is_folded_legally(
+    smtp_server: Controller, collector: Collector
+) -> None:
+    outbox_id = "3f2c9a7e-5b1d-4c8e-9f0a-1b2c3d4e5f60"
+    await provider_for(smtp_server).send(otp_message(message_id=outbox_id))
+
+    raw = collector.envelopes[0].original_content
+    assert isinstance(raw, bytes)
+    header = re.search(rb"^Message-ID:(.*?)\r\n(?! )", raw, re.MULTILINE | re.DOTALL)
+    assert header is not None
+    value = re.sub(rb"\r\n ", b" ", header.group(1)).strip().decode()
+    assert re.fullmatch(r"<[A-Za-z0-9._-]+@acme\.example>", value), value
+    assert outbox_id in value
 
 
 async def test_non_ascii_subject_and_body_survive(

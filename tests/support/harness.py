@@ -89,7 +89,9 @@ def add_user(data_dir: Path, user_id: str, *extra: str) -> None:
 
 
 def issue_token(data_dir: Path, client_id: str, user_id: str, *extra: str) -> str:
-    document = cli_json(data_dir, "token", "issue", "--client", client_id, "--user", user_id, *extra)
+    document = cli_json(
+        data_dir, "token", "issue", "--client", client_id, "--user", user_id, *extra
+    )
     token: str = document["accessToken"]
     return token
 
@@ -167,7 +169,9 @@ class Server:
             sent["Client-Id"] = cid
         if merchant is not None and sign:
             value = merchant.signer.sign(content_to_sign("POST", path, cid, rtime, raw))
-            sent["Signature"] = f"algorithm=RSA256,keyVersion={merchant.key_version},signature={value}"
+            sent["Signature"] = (
+                f"algorithm=RSA256,keyVersion={merchant.key_version},signature={value}"
+            )
         sent.update(headers or {})
         client = http or httpx.Client(timeout=30)
         try:

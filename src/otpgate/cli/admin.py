@@ -13,7 +13,7 @@ from otpgate.core.contacts import normalize_email, normalize_phone
 from otpgate.core.models import CHANNELS, Client, ClientKey, User, UserStatus
 from otpgate.core.otp import hash_token, new_token
 from otpgate.protocol.signing import load_public_key, public_key_pem
-from otpgate.store import SqliteStore
+from otpgate.store import Store
 from otpgate.store.audit import first_broken_row
 
 
@@ -52,7 +52,7 @@ def cmd_client_add(args: argparse.Namespace) -> int:
         keys=(ClientKey(_version(args.key_version), _read_public_key(args.public_key)),),
     )
 
-    async def work(store: SqliteStore) -> None:
+    async def work(store: Store) -> None:
         await store.add_client(client)
 
     with_store(args, work)
@@ -68,33 +68,42 @@ def cmd_client_add(args: argparse.Namespace) -> int:
 def cmd_client_key_add(args: argparse.Namespace) -> int:
     key = ClientKey(_version(args.key_version), _read_public_key(args.public_key))
 
-    async def work(store: SqliteStore) -> None:
+    async def work(store: Store) -> None:
         await store.add_client_key(args.client_id, key)
 
     with_store(args, work)
-    emit(args, {"clientId": args.client_id, "keyVersion": key.key_version},
-         f"client {args.client_id}: key version {key.key_version} added")
+    emit(
+        args,
+        {"clientId": args.client_id, "keyVersion": key.key_version},
+        f"client {args.client_id}: key version {key.key_version} added",
+    )
     return 0
 
 
 def cmd_client_key_revoke(args: argparse.Namespace) -> int:
-    async def work(store: SqliteStore) -> None:
+    async def work(store: Store) -> None:
         await store.revoke_client_key(args.client_id, args.key_version)
 
     with_store(args, work)
-    emit(args, {"clientId": args.client_id, "keyVersion": args.key_version, "revoked": True},
-         f"client {args.client_id}: key version {args.key_version} revoked")
+    emit(
+        args,
+        {"clientId": args.client_id, "keyVersion": args.key_version, "revoked": True},
+        f"client {args.client_id}: key version {args.key_version} revoked",
+    )
     return 0
 
 
 def cmd_client_enable(args: argparse.Namespace) -> int:
-    async def work(store: SqliteStore) -> None:
+    async def work(store: Store) -> None:
         await store.set_client_enabled(args.client_id, args.enabled)
 
     with_store(args, work)
     state = "enabled" if args.enabled else "disabled"
-    emit(args, {"clientId": args.client_id, "enabled": args.enabled},
-         f"client {args.client_id} {state}")
+    emit(
+        args,
+        {"clientId": args.client_id, "enabled": args.enabled},
+        f"client {args.client_id} {state}",
+    )
     return 0
 
 
@@ -113,9 +122,14 @@ def cmd_client_list(args: argparse.Namespace) -> int:
         for c in clients
     ]
     rows = [
-        (c["clientId"], "yes" if c["enabled"] else "no", "yes" if c["sandbox"] else "no",
-         ",".join(c["channels"]), ",".join(map(str, c["keyVersions"])))
-        for c in document
+        (
+            c.client_id,
+            "yes" if c.enabled else "no",
+            "yes" if c.sandbox else "no",
+            ",".join(sorted(c.channels)),
+            ",".join(str(k.key_version) for k in c.keys),
+        )
+        for c in clients
     ]
     emit(args, document, table(rows, ["CLIENT", "ENABLED", "SANDBOX", "CHANNELS", "KEYS"]))
     return 0
@@ -142,16 +156,22 @@ def _user_id(value: Any) -> str:
 
 def cmd_user_add(args: argparse.Namespace) -> int:
     user = User(
-        _user_id(args.user_id), UserStatus.NORMAL, _contact("phone", args.phone),
-        _contact("email", args.email), args.locale,
+        _user_id(args.user_id),
+        UserStatus.NORMAL,
+        _contact("phone", args.phone),
+        _contact("email", args.email),
+        args.locale,
     )
 
-    async def work(store: SqliteStore) -> int:
+    async def work(store: Store) -> int:
         return await store.add_users([user])
 
     with_store(args, work)
-    emit(args, _user_document(user.user_id, "NORMAL", user.phone, user.email, user.locale),
-         f"user {user.user_id} added")
+    emit(
+        args,
+        _user_document(user.user_id, "NORMAL", user.phone, user.email, user.locale),
+        f"user {user.user_id} added",
+    )
     return 0
 
 
@@ -166,7 +186,7 @@ def cmd_user_set(args: argparse.Namespace) -> int:
     if not changes:
         raise CommandError("nothing to change: give --phone, --email or --locale")
 
-    async def work(store: SqliteStore) -> None:
+    async def work(store: Store) -> None:
         await store.update_user(args.user_id, **changes)
 
     with_store(args, work)
@@ -175,17 +195,20 @@ def cmd_user_set(args: argparse.Namespace) -> int:
 
 
 def cmd_user_set_status(args: argparse.Namespace) -> int:
-    async def work(store: SqliteStore) -> None:
+    async def work(store: Store) -> None:
         await store.update_user(args.user_id, status=args.status)
 
     with_store(args, work)
-    emit(args, {"userId": args.user_id, "status": args.status},
-         f"user {args.user_id} is now {args.status}")
+    emit(
+        args,
+        {"userId": args.user_id, "status": args.status},
+        f"user {args.user_id} is now {args.status}",
+    )
     return 0
 
 
 def cmd_user_delete(args: argparse.Namespace) -> int:
-    async def work(store: SqliteStore) -> None:
+    async def work(store: Store) -> None:
         await store.delete_user(args.user_id)
 
     with_store(args, work)
@@ -203,14 +226,38 @@ def cmd_user_list(args: argparse.Namespace) -> int:
     users = with_store(args, lambda store: store.list_users(args.limit))
     now = time.time()
     document = [
-        {**_user_document(u.user_id, u.status, u.phone, u.email, u.locale),
-         "lockedUntil": iso(u.locked_until) if u.locked_until > now else None}
+        {
+            **_user_document(u.user_id, u.status, u.phone, u.email, u.locale),
+            "lockedUntil": iso(u.locked_until) if u.locked_until > now else None,
+        }
         for u in users
     ]
-    rows = [(d["userId"], d["status"], d["phone"], d["email"], d["locale"], d["lockedUntil"])
-            for d in document]
+    rows = [
+        (d["userId"], d["status"], d["phone"], d["email"], d["locale"], d["lockedUntil"])
+        for d in document
+    ]
     emit(args, document, table(rows, ["USER", "STATUS", "PHONE", "EMAIL", "LOCALE", "LOCKED"]))
     return 0
+
+
+def _imported_user(line: str, seen: set[str]) -> User:
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise CommandError("not a JSON object")
+    user_id = _user_id(record.get("userId"))
+    if user_id in seen:
+        raise CommandError(f"user id {user_id} appears twice")
+    seen.add(user_id)
+    locale = record.get("locale")
+    if locale is not None and not isinstance(locale, str):
+        raise CommandError("locale must be a string")
+    return User(
+        user_id,
+        UserStatus.NORMAL,
+        _contact("phone", record.get("phone")),
+        _contact("email", record.get("email")),
+        locale,
+    )
 
 
 def cmd_user_import(args: argparse.Namespace) -> int:
@@ -218,34 +265,20 @@ def cmd_user_import(args: argparse.Namespace) -> int:
     users: list[User] = []
     seen: set[str] = set()
     try:
-        handle = Path(args.file).open(encoding="utf-8")
-    except OSError as exc:
-        raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise CommandError("not a JSON object")
-                user_id = _user_id(record.get("userId"))
-                if user_id in seen:
-                    raise CommandError(f"user id {user_id} appears twice")
-                seen.add(user_id)
-                locale = record.get("locale")
-                if locale is not None and not isinstance(locale, str):
-                    raise CommandError("locale must be a string")
-                users.append(User(
-                    user_id, UserStatus.NORMAL, _contact("phone", record.get("phone")),
-                    _contact("email", record.get("email")), locale,
-                ))
-            except json.JSONDecodeError as exc:
-                raise CommandError(f"{args.file} line {number}: not JSON ({exc.msg})") from None
-            except CommandError as exc:
-                raise CommandError(f"{args.file} line {number}: {exc}") from None
+        lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read {args.file}: {exc}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            users.append(_imported_user(line, seen))
+        except json.JSONDecodeError as exc:
+            raise CommandError(f"{args.file} line {number}: not JSON ({exc.msg})") from None
+        except CommandError as exc:
+            raise CommandError(f"{args.file} line {number}: {exc}") from None
 
-    async def work(store: SqliteStore) -> int:
+    async def work(store: Store) -> int:
         return await store.add_users(users)
 
     count = with_store(args, work)
@@ -274,7 +307,7 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     expires_at = time.time() + _ttl(args.ttl_seconds)
     scopes = _scopes(args.scope)
 
-    async def work(store: SqliteStore) -> None:
+    async def work(store: Store) -> None:
         await store.add_tokens([(hash_token(token), args.client, args.user, scopes, expires_at)])
 
     with_store(args, work)
@@ -293,23 +326,25 @@ def cmd_token_issue_batch(args: argparse.Namespace) -> int:
     scopes = _scopes(args.scope)
     issued = [(user_id, new_token()) for user_id in user_ids]
 
-    async def work(store: SqliteStore) -> None:
+    async def work(store: Store) -> None:
         await store.add_tokens(
-            [(hash_token(token), args.client, user_id, scopes, expires_at)
-             for user_id, token in issued]
+            [
+                (hash_token(token), args.client, user_id, scopes, expires_at)
+                for user_id, token in issued
+            ]
         )
 
     with_store(args, work)
     expiry = iso(expires_at)
     for user_id, token in issued:
-        print(json.dumps(
-            {"userId": user_id, "accessToken": token, "accessTokenExpiryTime": expiry}
-        ))
+        print(
+            json.dumps({"userId": user_id, "accessToken": token, "accessTokenExpiryTime": expiry})
+        )
     return 0
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    async def work(store: SqliteStore) -> None:
+    async def work(store: Store) -> None:
         await store.revoke_token(hash_token(args.token))
 
     with_store(args, work)
@@ -333,8 +368,9 @@ def cmd_inbox_list(args: argparse.Namespace) -> int:
         }
         for m in messages
     ]
-    rows = [(d["createdAt"], d["userId"], d["channel"], d["destination"], d["text"])
-            for d in document]
+    rows = [
+        (d["createdAt"], d["userId"], d["channel"], d["destination"], d["text"]) for d in document
+    ]
     emit(args, document, table(rows, ["CREATED", "USER", "CHANNEL", "TO", "TEXT"]))
     return 0
 
@@ -356,10 +392,23 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
         }
         for e in entries
     ]
-    rows = [(d["id"], d["channel"], d["destination"], d["provider"], d["status"], d["tries"],
-             d["lastError"]) for d in document]
-    emit(args, document,
-         table(rows, ["ID", "CHANNEL", "TO", "PROVIDER", "STATUS", "TRIES", "LAST ERROR"]))
+    rows = [
+        (
+            d["id"],
+            d["channel"],
+            d["destination"],
+            d["provider"],
+            d["status"],
+            d["tries"],
+            d["lastError"],
+        )
+        for d in document
+    ]
+    emit(
+        args,
+        document,
+        table(rows, ["ID", "CHANNEL", "TO", "PROVIDER", "STATUS", "TRIES", "LAST ERROR"]),
+    )
     return 0
 
 
@@ -370,6 +419,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         emit(args, {"intact": True, "rows": len(rows)}, f"audit chain intact ({len(rows)} rows)")
         return 0
     seq, reason = broken
-    emit(args, {"intact": False, "rows": len(rows), "firstBadRow": seq, "reason": reason},
-         f"audit chain broken at row {seq}: {reason}")
+    emit(
+        args,
+        {"intact": False, "rows": len(rows), "firstBadRow": seq, "reason": reason},
+        f"audit chain broken at row {seq}: {reason}",
+    )
     return 1

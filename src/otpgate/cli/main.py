@@ -56,36 +56,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", parents=[common], help="end-to-end run on a temporary dir")
     p.set_defaults(handler=run.cmd_demo)
 
-    _client_commands(commands.add_parser("client", help="merchants").add_subparsers(
-        dest="action", required=True, metavar="ACTION"), common)
-    _user_commands(commands.add_parser("user", help="wallet users").add_subparsers(
-        dest="action", required=True, metavar="ACTION"), common)
-    _token_commands(commands.add_parser("token", help="wallet access tokens").add_subparsers(
-        dest="action", required=True, metavar="ACTION"), common)
+    _client_commands(
+        commands.add_parser("client", help="merchants").add_subparsers(
+            dest="action", required=True, metavar="ACTION"
+        ),
+        common,
+    )
+    _user_commands(
+        commands.add_parser("user", help="wallet users").add_subparsers(
+            dest="action", required=True, metavar="ACTION"
+        ),
+        common,
+    )
+    _token_commands(
+        commands.add_parser("token", help="wallet access tokens").add_subparsers(
+            dest="action", required=True, metavar="ACTION"
+        ),
+        common,
+    )
 
     inbox = commands.add_parser("inbox", help="the local provider's messages").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
+        dest="action", required=True, metavar="ACTION"
+    )
     p = inbox.add_parser("list", parents=[common], help="messages, newest first")
     p.add_argument("--user", default=None)
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(handler=admin.cmd_inbox_list)
 
     outbox = commands.add_parser("outbox", help="queued messages").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
+        dest="action", required=True, metavar="ACTION"
+    )
     p = outbox.add_parser("list", parents=[common], help="messages and their delivery status")
     p.add_argument("--status", choices=["queued", "sent", "failed", "expired"], default=None)
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(handler=admin.cmd_outbox_list)
 
     audit = commands.add_parser("audit", help="the audit chain").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
+        dest="action", required=True, metavar="ACTION"
+    )
     p = audit.add_parser("verify", parents=[common], help="check the hash chain")
     p.set_defaults(handler=admin.cmd_audit_verify)
     return parser
 
 
-def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                     common: argparse.ArgumentParser) -> None:
+def _client_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     p = sub.add_parser("add", parents=[common], help="register a merchant")
     p.add_argument("client_id", metavar="CLIENT_ID")
     p.add_argument("--public-key", required=True, metavar="FILE")
@@ -112,8 +128,9 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.set_defaults(handler=admin.cmd_client_list)
 
 
-def _user_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                   common: argparse.ArgumentParser) -> None:
+def _user_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     p = sub.add_parser("add", parents=[common], help="create a wallet user (status NORMAL)")
     p.add_argument("user_id", metavar="USER_ID")
     p.add_argument("--phone", default=None, help="E.164, e.g. +14155550123")
@@ -141,8 +158,9 @@ def _user_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.set_defaults(handler=admin.cmd_user_import)
 
 
-def _token_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                    common: argparse.ArgumentParser) -> None:
+def _token_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     p = sub.add_parser("issue", parents=[common], help="issue a wallet access token")
     p.add_argument("--client", required=True, metavar="CLIENT_ID")
     p.add_argument("--user", required=True, metavar="USER_ID")

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from otpgate.config import ConfigError, Settings, load_settings
 from otpgate.datadir import DataDirError
-from otpgate.store import SqliteStore, StoreConflict, open_store
+from otpgate.store import Store, StoreConflict, open_store
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
         raise CommandError(str(exc)) from None
 
 
-def with_store(args: argparse.Namespace, work: Callable[[SqliteStore], Awaitable[T]]) -> T:
+def with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]]) -> T:
     """Open the configured store, run ``work``, close; operator errors become CommandError."""
     settings = settings_of(args)
     if not (settings.data_dir / "secrets.json").exists():
@@ -65,4 +65,6 @@ def emit(args: argparse.Namespace, document: Any, text: str | Sequence[str]) -> 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> list[str]:
     cells = [[str(c) if c is not None else "-" for c in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]

@@ -35,10 +35,7 @@ def _migrate(settings: Settings) -> int:
     async def go() -> int:
         store = await open_store(settings)
         try:
-            result = store.migrate()
-            if asyncio.iscoroutine(result):
-                result = await result
-            return int(result)
+            return await store.migrate()
         finally:
             await store.close()
 
@@ -92,8 +89,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store_kind = "sqlite" if settings.uses_sqlite else "postgresql"
     log.info(
         "otpgate listening on http://%s:%d (workers=%d, store=%s)",
-        args.host, args.port, args.workers, store_kind,
+        args.host,
+        args.port,
+        args.workers,
+        store_kind,
     )
+    # uvicorn re-raises the SIGTERM it handled once it has drained; a no-op handler installed
+    # first receives that re-raise, so a drained shutdown exits 0 as OPERATOR.md promises.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         uvicorn.run(
             "otpgate.server.app:create_app",
@@ -178,11 +181,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
         key_file = Path(tmp) / "merchant-public.pem"
         key_file.write_text(public_key_pem(merchant_key.public_key()))
         step("2. merchant DEMO_MERCHANT registers its public key")
-        cli(["client", "add", "DEMO_MERCHANT", "--public-key", str(key_file),
-             "--name", "Demo Shop", "--data-dir", str(data)])
+        cli(
+            [
+                "client",
+                "add",
+                "DEMO_MERCHANT",
+                "--public-key",
+                str(key_file),
+                "--name",
+                "Demo Shop",
+                "--data-dir",
+                str(data),
+            ]
+        )
         step("3. wallet user alice with phone +14155550123")
-        cli(["user", "add", "alice", "--phone", "+14155550123", "--email", "alice@example.com",
-             "--data-dir", str(data)])
+        cli(
+            [
+                "user",
+                "add",
+                "alice",
+                "--phone",
+                "+14155550123",
+                "--email",
+                "alice@example.com",
+                "--data-dir",
+                str(data),
+            ]
+        )
         step("4. access token for DEMO_MERCHANT -> alice")
         settings = load_settings(data)
         import contextlib
@@ -190,15 +215,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
-            cli(["token", "issue", "--client", "DEMO_MERCHANT", "--user", "alice",
-                 "--data-dir", str(data)])
+            cli(
+                [
+                    "token",
+                    "issue",
+                    "--client",
+                    "DEMO_MERCHANT",
+                    "--user",
+                    "alice",
+                    "--data-dir",
+                    str(data),
+                ]
+            )
         token = buffer.getvalue().strip()
         step(f"   token {token[:8]}… (shown once; stored hashed)")
 
         port = _free_port()
         server = uvicorn.Server(
-            uvicorn.Config(OtpGateApp(settings), host="127.0.0.1", port=port,
-                           log_level="warning", lifespan="on")
+            uvicorn.Config(
+                OtpGateApp(settings),
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+                lifespan="on",
+            )
         )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -210,12 +250,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         step(f"5. otpgate serving on http://127.0.0.1:{port}")
         try:
             server_key = load_server_key(settings).public_key()
-            with OtpgateClient(f"http://127.0.0.1:{port}", "DEMO_MERCHANT",
-                               private_key_pem(merchant_key), server_key) as client:
+            with OtpgateClient(
+                f"http://127.0.0.1:{port}",
+                "DEMO_MERCHANT",
+                private_key_pem(merchant_key),
+                server_key,
+            ) as client:
                 request_id = f"demo-{uuid.uuid4().hex[:12]}"
                 init = client.init_authentication(request_id, "SMS", token)
-                step(f"6. initAuthentication {request_id} -> {init.result.code}"
-                     f" ({init.result.status})")
+                step(
+                    f"6. initAuthentication {request_id} -> {init.result.code}"
+                    f" ({init.result.status})"
+                )
                 if not init.result.ok:
                     return 1
                 text = _await_inbox(settings)
@@ -224,11 +270,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 code = found.group(0) if found else ""
                 wrong = str((int(code or "0") + 1) % 10**settings.otp_length).zfill(len(code))
                 miss = client.verify_authentication(request_id, wrong)
-                step(f"8. verifyAuthentication with a wrong code -> {miss.result.code}"
-                     f" isPassed={str(miss.is_passed).lower()}")
+                step(
+                    f"8. verifyAuthentication with a wrong code -> {miss.result.code}"
+                    f" isPassed={str(miss.is_passed).lower()}"
+                )
                 verify = client.verify_authentication(request_id, code)
-                step(f"9. verifyAuthentication with the code -> {verify.result.code}"
-                     f" isPassed={str(verify.is_passed).lower()}")
+                step(
+                    f"9. verifyAuthentication with the code -> {verify.result.code}"
+                    f" isPassed={str(verify.is_passed).lower()}"
+                )
                 passed = verify.result.ok and verify.is_passed
                 step("verification passed" if passed else "verification FAILED")
                 return 0 if passed else 1

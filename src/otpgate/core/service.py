@@ -1,7 +1,7 @@
 """The two use cases: initAuthentication and verifyAuthentication.
 
 The server has already authenticated the client and parsed the body; this module applies
-the business rules of PROTOCOL.md §5–§7 and returns an ``Outcome`` that the server encodes.
+the business rules of PROTOCOL.md §5 to §7 and returns an ``Outcome`` that the server encodes.
 Anything that must hold across processes is delegated to one atomic store operation.
 """
 

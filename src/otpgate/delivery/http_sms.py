@@ -175,7 +175,7 @@ Preset = Callable[[OutgoingMessage, str | None], dict[str, Any]]
 def _json_preset(message: OutgoingMessage, from_number: str | None) -> dict[str, Any]:
     return {
         "json": {"to": message.destination, "text": message.text},
-        
+        "headers": {"Idempotency-Key": message.message_id},
     }
 
 

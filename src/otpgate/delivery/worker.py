@@ -50,7 +50,7 @@ class DeliveryListener(Protocol):
 def backoff_seconds(tries: int, base: float = 1.0, cap: float = 300.0) -> float:
     """Exponential backoff with jitter: about base·2^(tries-1), never above ``cap``."""
     ceiling = min(cap, base * 2 ** min(tries - 1, 30))
-    return ceiling * random.uniform(0.5, 1.0)
+    return float(ceiling * random.uniform(0.5, 1.0))
 
 
 class DeliveryWorker:
@@ -92,7 +92,7 @@ class DeliveryWorker:
                 continue
             self._wake.clear()
             waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())}
-            _, pending = await asyncio.wait(
+            await asyncio.wait(
                 waiters, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED
             )
             for task in waiters:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from starlette.types import Message, Receive, Scope, Send
 
-from otpgate.core.service import INIT, VERIFY, AuthenticationService, Outcome
 from otpgate.core.ports import Clock, RateLimiter
+from otpgate.core.service import INIT, VERIFY, AuthenticationService, Outcome
 from otpgate.protocol import (
     ProtocolError,
     ResultCode,
@@ -88,7 +88,9 @@ class SignedApi:
         client_id = headers.get("client-id", "")
         api, sandbox = _API_PATHS.get(scope["path"], ("", False))
         try:
-            outcome = await self._handle(scope, receive, headers, client_id, api, sandbox, sign_path)
+            outcome = await self._handle(
+                scope, receive, headers, client_id, api, sandbox, sign_path
+            )
         except _Reject as reject:
             outcome = Outcome(reject.code, reject.message)
         except Exception:

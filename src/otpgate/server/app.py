@@ -30,7 +30,7 @@ from otpgate.server.api import ApiSettings, SignedApi
 from otpgate.server.directory import ClientDirectory
 from otpgate.server.observe import RequestRecorder
 from otpgate.server.ratelimit import ClientRateLimiter
-from otpgate.store import open_store
+from otpgate.store import Store, open_store
 
 log = logging.getLogger("otpgate.server")
 
@@ -70,7 +70,7 @@ class OtpGateApp:
             ],
             lifespan=self._lifespan,
         )
-        self._store = None
+        self._store: Store | None = None
         self._limiter: ClientRateLimiter | None = None
         self.worker: DeliveryWorker | None = None
 

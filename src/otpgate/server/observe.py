@@ -15,19 +15,26 @@ class RequestRecorder:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "otpgate_requests", "API answers by API and result code", ["api", "result_code"],
+            "otpgate_requests",
+            "API answers by API and result code",
+            ["api", "result_code"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "otpgate_request_seconds", "Time to answer, by API", ["api"], buckets=_BUCKETS,
+            "otpgate_request_seconds",
+            "Time to answer, by API",
+            ["api"],
+            buckets=_BUCKETS,
             registry=self.registry,
         )
         self.outbox_depth = Gauge(
             "otpgate_outbox_queued", "Messages waiting in the outbox", registry=self.registry
         )
         self.deliveries = Counter(
-            "otpgate_deliveries", "Delivery attempts by provider and outcome",
-            ["provider", "outcome"], registry=self.registry,
+            "otpgate_deliveries",
+            "Delivery attempts by provider and outcome",
+            ["provider", "outcome"],
+            registry=self.registry,
         )
 
     def record(self, api: str, result_code: str, seconds: float) -> None:

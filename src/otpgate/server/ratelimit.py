@@ -23,9 +23,14 @@ class ClientRateLimiter:
 
     @classmethod
     def redis(cls, url: str, prefix: str) -> ClientRateLimiter:
-        options = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
         uri = url.replace("redis://", "async+redis://", 1)
-        storage = RedisStorage(uri, implementation="redispy", key_prefix=f"{prefix}:rate", **options)
+        storage = RedisStorage(
+            uri,
+            implementation="redispy",
+            key_prefix=f"{prefix}:rate",
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
         return cls(storage)
 
     async def hit(self, key: str, per_second: int) -> bool:

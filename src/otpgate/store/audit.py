@@ -28,9 +28,7 @@ class AuditRow:
     row_hash: bytes
 
 
-def row_hash(
-    prev_hash: bytes,
-    seq: int,
+def content_digest(
     at: float,
     api: str,
     client_id: str,
@@ -39,12 +37,34 @@ def row_hash(
     result_code: str,
     detail: str,
 ) -> bytes:
+    """SHA-256 of a row's content, computed in Python by every store."""
     content = json.dumps(
-        [seq, repr(float(at)), api, client_id, request_id, user_id, result_code, detail],
+        [repr(float(at)), api, client_id, request_id, user_id, result_code, detail],
         ensure_ascii=True,
         separators=(",", ":"),
     ).encode()
-    return hashlib.sha256(prev_hash + content).digest()
+    return hashlib.sha256(content).digest()
+
+
+def chain_hash(prev_hash: bytes, digest: bytes) -> bytes:
+    """``sha256(prev_hash || content_digest)``: simple enough to compute inside SQL too
+    (PostgreSQL: ``sha256(prev || digest)``), so a store can extend the chain in one statement."""
+    return hashlib.sha256(prev_hash + digest).digest()
+
+
+def row_hash(
+    prev_hash: bytes,
+    at: float,
+    api: str,
+    client_id: str,
+    request_id: str | None,
+    user_id: str | None,
+    result_code: str,
+    detail: str,
+) -> bytes:
+    return chain_hash(
+        prev_hash, content_digest(at, api, client_id, request_id, user_id, result_code, detail)
+    )
 
 
 def first_broken_row(rows: Iterable[AuditRow]) -> tuple[int, str] | None:
@@ -57,8 +77,14 @@ def first_broken_row(rows: Iterable[AuditRow]) -> tuple[int, str] | None:
         if row.prev_hash != prev:
             return row.seq, "previous-hash link does not match (row deleted or inserted)"
         computed = row_hash(
-            row.prev_hash, row.seq, row.at, row.api, row.client_id, row.request_id,
-            row.user_id, row.result_code, row.detail,
+            row.prev_hash,
+            row.at,
+            row.api,
+            row.client_id,
+            row.request_id,
+            row.user_id,
+            row.result_code,
+            row.detail,
         )
         if computed != row.row_hash:
             return row.seq, "row content does not match its hash (row edited)"

@@ -34,15 +34,12 @@ from otpgate.core.models import (
     VerifyStatus,
 )
 from otpgate.store.audit import GENESIS, AuditRow, row_hash
+from otpgate.store.errors import StoreConflict
 from otpgate.store.records import ClaimedMessage, InboxMessage, OutboxEntry, UserRecord
 from otpgate.store.sealing import Sealer
 
 _PAYLOAD_CONTEXT = b"otpgate-outbox"
 _INBOX_CONTEXT = b"otpgate-inbox"
-
-
-class StoreConflict(Exception):
-    """An admin change collides with existing data (duplicate id, missing row)."""
 
 
 def _migrations(kind: str) -> list[tuple[int, str]]:
@@ -68,7 +65,7 @@ class SqliteStore:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    def migrate(self) -> int:
+    async def migrate(self) -> int:
         """Apply pending migrations; return the schema version."""
         with self._write() as db:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -104,14 +101,30 @@ class SqliteStore:
         last = db.execute("SELECT seq, row_hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
         digest = row_hash(
-            prev, seq, event.at, event.api, event.client_id, event.request_id,
-            event.user_id, event.result_code, event.detail,
+            prev,
+            event.at,
+            event.api,
+            event.client_id,
+            event.request_id,
+            event.user_id,
+            event.result_code,
+            event.detail,
         )
         db.execute(
             "INSERT INTO audit (seq, at, api, client_id, request_id, user_id, result_code,"
             " detail, prev_hash, row_hash) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (seq, event.at, event.api, event.client_id, event.request_id, event.user_id,
-             event.result_code, event.detail, prev, digest),
+            (
+                seq,
+                event.at,
+                event.api,
+                event.client_id,
+                event.request_id,
+                event.user_id,
+                event.result_code,
+                event.detail,
+                prev,
+                digest,
+            ),
         )
 
     # ---- reads for the hot path ------------------------------------------------------
@@ -179,18 +192,36 @@ class SqliteStore:
                 "INSERT INTO challenges (client_id, request_id, user_id, channel, params_hash,"
                 " code_mac, key_id, max_attempts, created_at, expires_at)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?) RETURNING id",
-                (c.client_id, c.request_id, c.user_id, c.channel, c.params_hash, c.code_mac,
-                 c.key_id, c.max_attempts, c.created_at, c.expires_at),
+                (
+                    c.client_id,
+                    c.request_id,
+                    c.user_id,
+                    c.channel,
+                    c.params_hash,
+                    c.code_mac,
+                    c.key_id,
+                    c.max_attempts,
+                    c.created_at,
+                    c.expires_at,
+                ),
             ).fetchone()
-            payload = self._sealer.seal(
-                c.message_subject + "\n" + c.message_text, _PAYLOAD_CONTEXT
-            )
+            payload = self._sealer.seal(c.message_subject + "\n" + c.message_text, _PAYLOAD_CONTEXT)
             (outbox_id,) = db.execute(
                 "INSERT INTO outbox (challenge_id, client_id, user_id, channel, destination,"
                 " provider, payload, next_attempt_at, created_at, expires_at)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?) RETURNING id",
-                (challenge_id, c.client_id, c.user_id, c.channel, c.destination, c.provider,
-                 payload, c.created_at, c.created_at, c.expires_at),
+                (
+                    challenge_id,
+                    c.client_id,
+                    c.user_id,
+                    c.channel,
+                    c.destination,
+                    c.provider,
+                    payload,
+                    c.created_at,
+                    c.created_at,
+                    c.expires_at,
+                ),
             ).fetchone()
             self._audit(db, audit)
         return InitDecision(InitStatus.CREATED, outbox_id)
@@ -212,10 +243,13 @@ class SqliteStore:
         if locked is not None and locked[0] > c.created_at:
             return InitDecision(InitStatus.LOCKED)
         now = c.created_at
-        if limits.min_interval_seconds > 0 and db.execute(
-            "SELECT 1 FROM challenges WHERE user_id = ? AND created_at > ? LIMIT 1",
-            (c.user_id, now - limits.min_interval_seconds),
-        ).fetchone():
+        if (
+            limits.min_interval_seconds > 0
+            and db.execute(
+                "SELECT 1 FROM challenges WHERE user_id = ? AND created_at > ? LIMIT 1",
+                (c.user_id, now - limits.min_interval_seconds),
+            ).fetchone()
+        ):
             return InitDecision(InitStatus.SEND_INTERVAL)
         if limits.max_per_window > 0:
             (count,) = db.execute(
@@ -359,8 +393,15 @@ class SqliteStore:
             db.execute(
                 "INSERT OR IGNORE INTO inbox (outbox_id, client_id, user_id, channel,"
                 " destination, payload, created_at) VALUES (?,?,?,?,?,?,?)",
-                (message.outbox_id, message.client_id, message.user_id, message.channel,
-                 message.destination, sealed, now),
+                (
+                    message.outbox_id,
+                    message.client_id,
+                    message.user_id,
+                    message.channel,
+                    message.destination,
+                    sealed,
+                    now,
+                ),
             )
             db.execute(
                 "UPDATE outbox SET status = 'sent', payload = NULL, finished_at = ?,"
@@ -369,16 +410,16 @@ class SqliteStore:
             )
 
     async def list_inbox(self, user_id: str | None, limit: int) -> list[InboxMessage]:
-        sql = (
-            "SELECT id, client_id, user_id, channel, destination, payload, created_at FROM inbox"
-        )
+        sql = "SELECT id, client_id, user_id, channel, destination, payload, created_at FROM inbox"
         args: tuple[Any, ...] = ()
         if user_id is not None:
             sql += " WHERE user_id = ?"
             args = (user_id,)
         rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [
-            InboxMessage(r[0], r[1], r[2], r[3], r[4], self._sealer.open(r[5], _INBOX_CONTEXT), r[6])
+            InboxMessage(
+                r[0], r[1], r[2], r[3], r[4], self._sealer.open(r[5], _INBOX_CONTEXT), r[6]
+            )
             for r in rows
         ]
 
@@ -395,7 +436,9 @@ class SqliteStore:
         return [OutboxEntry(*row) for row in rows]
 
     async def outbox_depth(self) -> int:
-        (count,) = self._db.execute("SELECT count(*) FROM outbox WHERE status = 'queued'").fetchone()
+        (count,) = self._db.execute(
+            "SELECT count(*) FROM outbox WHERE status = 'queued'"
+        ).fetchone()
         return int(count)
 
     # ---- administration (operator CLI) ---------------------------------------------
@@ -407,9 +450,16 @@ class SqliteStore:
                 db.execute(
                     "INSERT INTO clients (client_id, display_name, enabled, sandbox, channels,"
                     " apis, rate_per_second, created_at) VALUES (?,?,?,?,?,?,?,?)",
-                    (client.client_id, client.display_name, int(client.enabled),
-                     int(client.sandbox), ",".join(sorted(client.channels)),
-                     ",".join(sorted(client.apis)), client.rate_per_second, now),
+                    (
+                        client.client_id,
+                        client.display_name,
+                        int(client.enabled),
+                        int(client.sandbox),
+                        ",".join(sorted(client.channels)),
+                        ",".join(sorted(client.apis)),
+                        client.rate_per_second,
+                        now,
+                    ),
                 )
                 for key in client.keys:
                     db.execute(
@@ -469,9 +519,7 @@ class SqliteStore:
 
     async def add_users(self, users: Iterable[User]) -> int:
         now = time.time()
-        rows = [
-            (u.user_id, u.status.value, u.phone, u.email, u.locale, now) for u in users
-        ]
+        rows = [(u.user_id, u.status.value, u.phone, u.email, u.locale, now) for u in users]
         try:
             with self._write() as db:
                 db.executemany(
@@ -523,7 +571,8 @@ class SqliteStore:
             for _, client_id, user_id, _, _ in tokens[:1]:
                 self._require(db, "clients", "client_id", client_id, "client")
             missing = [
-                user_id for _, _, user_id, _, _ in tokens
+                user_id
+                for _, _, user_id, _, _ in tokens
                 if db.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone()
                 is None
             ]
@@ -549,7 +598,21 @@ class SqliteStore:
             "SELECT seq, at, api, client_id, request_id, user_id, result_code, detail,"
             " prev_hash, row_hash FROM audit ORDER BY seq"
         ).fetchall()
-        return [AuditRow(*row[:8], bytes(row[8]), bytes(row[9])) for row in rows]
+        return [
+            AuditRow(
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                row[5],
+                row[6],
+                row[7],
+                bytes(row[8]),
+                bytes(row[9]),
+            )
+            for row in rows
+        ]
 
     @staticmethod
     def _require(db: sqlite3.Connection, table: str, column: str, value: str, what: str) -> None:
@@ -607,6 +670,11 @@ def _verify_code(decision: VerifyDecision) -> str:
 
 def _replace_code(event: AuditEvent, code: str, user_id: str | None = None) -> AuditEvent:
     return AuditEvent(
-        event.api, event.client_id, event.request_id, user_id or event.user_id, code,
-        event.detail, event.at,
+        event.api,
+        event.client_id,
+        event.request_id,
+        user_id or event.user_id,
+        code,
+        event.detail,
+        event.at,
     )
