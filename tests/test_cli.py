@@ -63,8 +63,10 @@ def test_client_lifecycle(data_dir: Path, tmp_path: Path) -> None:
     assert cli(data_dir, "client", "add", "M1", "--public-key", str(bare))[0] == 0
     code, _ = cli(data_dir, "client", "add", "M1", "--public-key", str(bare))
     assert code == 2
-    assert cli(data_dir, "client", "key-add", "M1", "--public-key", str(bare),
-               "--key-version", "2")[0] == 0
+    assert (
+        cli(data_dir, "client", "key-add", "M1", "--public-key", str(bare), "--key-version", "2")[0]
+        == 0
+    )
     assert cli(data_dir, "client", "key-revoke", "M1", "--key-version", "1")[0] == 0
     assert cli(data_dir, "client", "disable", "M1")[0] == 0
     (listed,) = cli_json(data_dir, "client", "list")
@@ -89,12 +91,18 @@ def test_user_validation_and_status(data_dir: Path) -> None:
     assert result.returncode == 2 and "E.164" in result.stderr
     result = run("user", "add", "u1", "--email", "not-an-address", data_dir=data_dir)
     assert result.returncode == 2 and "email" in result.stderr.lower()
-    assert cli(data_dir, "user", "add", "u1", "--phone", "+442071838750", "--locale", "en-GB")[0] == 0
+    assert (
+        cli(data_dir, "user", "add", "u1", "--phone", "+442071838750", "--locale", "en-GB")[0] == 0
+    )
     assert cli(data_dir, "user", "set-status", "u1", "FROZEN")[0] == 0
     (user,) = cli_json(data_dir, "user", "list")
     assert user == {
-        "userId": "u1", "status": "FROZEN", "phone": "+442071838750", "email": None,
-        "locale": "en-GB", "lockedUntil": None,
+        "userId": "u1",
+        "status": "FROZEN",
+        "phone": "+442071838750",
+        "email": None,
+        "locale": "en-GB",
+        "lockedUntil": None,
     }
     assert cli(data_dir, "user", "delete", "u1")[0] == 0
     assert cli_json(data_dir, "user", "list") == []
@@ -107,10 +115,12 @@ def test_user_import_is_all_or_nothing(data_dir: Path, tmp_path: Path) -> None:
     assert result.returncode == 2 and "line 2" in result.stderr
     assert cli_json(data_dir, "user", "list") == []
     good = tmp_path / "good.jsonl"
-    good.write_text("".join(
-        json.dumps({"userId": f"u{i}", "email": f"u{i}@example.com", "locale": "en"}) + "\n"
-        for i in range(2000)
-    ))
+    good.write_text(
+        "".join(
+            json.dumps({"userId": f"u{i}", "email": f"u{i}@example.com", "locale": "en"}) + "\n"
+            for i in range(2000)
+        )
+    )
     assert cli_json(data_dir, "user", "import", str(good)) == {"imported": 2000}
 
 
@@ -120,8 +130,9 @@ def test_tokens_issue_batch_and_revoke(data_dir: Path, tmp_path: Path) -> None:
     cli(data_dir, "client", "add", "M1", "--public-key", str(key))
     cli(data_dir, "user", "add", "u1", "--phone", "+14155550123")
     cli(data_dir, "user", "add", "u2", "--phone", "+14155550124")
-    issued = cli_json(data_dir, "token", "issue", "--client", "M1", "--user", "u1",
-                      "--ttl-seconds", "60")
+    issued = cli_json(
+        data_dir, "token", "issue", "--client", "M1", "--user", "u1", "--ttl-seconds", "60"
+    )
     assert issued["accessToken"].startswith("otk_")
     assert issued["accessTokenExpiryTime"].endswith("+00:00")
     users = tmp_path / "users.txt"
@@ -144,10 +155,16 @@ def test_serve_logs_where_it_listens_and_exits_0_on_sigterm(data_dir: Path) -> N
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [OTPGATE, "serve", "--port", str(port), "--data-dir", str(data_dir)],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
-    server = Server(data_dir, port, process, load_public_key(
-        (data_dir / "server-public-key.pem").read_bytes()), log_path)
+    server = Server(
+        data_dir,
+        port,
+        process,
+        load_public_key((data_dir / "server-public-key.pem").read_bytes()),
+        log_path,
+    )
     wait_ready(server)
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     process.send_signal(signal.SIGTERM)
@@ -158,8 +175,9 @@ def test_serve_logs_where_it_listens_and_exits_0_on_sigterm(data_dir: Path) -> N
 def test_demo_prints_a_passed_verification(tmp_path: Path) -> None:
     env = {**os.environ, "OTPGATE_DATA_DIR": str(tmp_path / "unused")}
     started = time.time()
-    result = subprocess.run([OTPGATE, "demo"], capture_output=True, text=True, timeout=120,
-                            env=env, check=False)
+    result = subprocess.run(
+        [OTPGATE, "demo"], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verification passed" in result.stdout
     assert "VERIFY_UNMATCHED" in result.stdout
