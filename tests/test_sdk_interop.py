@@ -117,8 +117,9 @@ class Wire:
         wire = self
 
         class Recording(http.client.HTTPConnection):
-            def request(self, method: str, url: str, body: Any = None, headers: Any = None,
-                        **kwargs: Any) -> None:
+            def request(
+                self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any
+            ) -> None:
                 wire.sent.append(Sent(method, url, dict(headers or {}), bytes(body or b"")))
                 super().request(method, url, body=body, headers=headers or {}, **kwargs)
 
@@ -177,8 +178,13 @@ def server_public_key(data_dir: Path) -> str:
 class SdkMerchant:
     """A merchant integration: the SDK's DefaultAlipayClient and its users requests."""
 
-    def __init__(self, merchant: Merchant, alipay_public_key: str,
-                 private_key: RSAPrivateKey | None = None, key_version: str | None = None) -> None:
+    def __init__(
+        self,
+        merchant: Merchant,
+        alipay_public_key: str,
+        private_key: RSAPrivateKey | None = None,
+        key_version: str | None = None,
+    ) -> None:
         self.client_id = merchant.client_id
         self.key_version = key_version  # None: the SDK's default, "1"
         self.client = DefaultAlipayClient(
@@ -188,8 +194,9 @@ class SdkMerchant:
             alipay_public_key,
         )
 
-    def init(self, request_id: str, token: str, channel: str = "SMS",
-             path: str = INIT_PATH) -> dict[str, Any]:
+    def init(
+        self, request_id: str, token: str, channel: str = "SMS", path: str = INIT_PATH
+    ) -> dict[str, Any]:
         request = InitAuthenticationRequest(path)
         request.authentication_type = "OTP"
         request.authentication_request_id = request_id
@@ -394,13 +401,9 @@ def test_sdk_rejects_answer_signed_by_another_key(world: World, wire: Wire) -> N
     assert result(replay) == ("SUCCESS", "S"), replay
 
 
-def test_sdk_signed_with_unregistered_key_gets_signature_invalid(
-    world: World, wire: Wire
-) -> None:
+def test_sdk_signed_with_unregistered_key_gets_signature_invalid(world: World, wire: Wire) -> None:
     data_dir = world.server.data_dir
-    sdk = SdkMerchant(
-        world.merchant, server_public_key(data_dir), private_key=random_private_key()
-    )
+    sdk = SdkMerchant(world.merchant, server_public_key(data_dir), private_key=random_private_key())
     init = sdk.init(new_request_id(), world.token)
     assert result(init) == ("SIGNATURE_INVALID", "F"), init
     assert inbox_codes(data_dir, world.user_id, timeout=0.5) == []
@@ -411,11 +414,14 @@ def test_sdk_key_version_selects_the_registered_key(world: World, wire: Wire) ->
     data_dir = world.server.data_dir
     new_key = random_private_key()
     pem = data_dir / "M_SHOP-v2.pem"
-    pem.write_bytes(new_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ))
-    cli_json(data_dir, "client", "key-add", "M_SHOP", "--public-key", str(pem),
-             "--key-version", "2")
+    pem.write_bytes(
+        new_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    cli_json(
+        data_dir, "client", "key-add", "M_SHOP", "--public-key", str(pem), "--key-version", "2"
+    )
     alipay_public_key = server_public_key(data_dir)
 
     # The new key announced as version 1 does not verify against version 1's key.
@@ -445,8 +451,12 @@ def test_sdk_signature_tool_verifies_harness_answers(world: World) -> None:
     cases = [
         (INIT_PATH, "initAuthentication", init_body(request_id, world.token), "SUCCESS"),
         (VERIFY_PATH, "verifyAuthentication", verify_body(request_id, "x"), "PARAM_ILLEGAL"),
-        ("/v1/users/verifyAuthentication", "verifyAuthentication",
-         verify_body(new_request_id(), "123456"), "AUTHENTICATION_REQUEST_ID_INVALID"),
+        (
+            "/v1/users/verifyAuthentication",
+            "verifyAuthentication",
+            verify_body(new_request_id(), "123456"),
+            "AUTHENTICATION_REQUEST_ID_INVALID",
+        ),
         ("/ams/api/v1/users/nope", "nope", {}, "API_INVALID"),
     ]
     for path, api, body, expected in cases:
@@ -462,10 +472,6 @@ def test_sdk_signature_tool_verifies_harness_answers(world: World) -> None:
         with pytest.raises(rsa.VerificationError):
             signature_tool.verify(*args, text + " ", signature, alipay_public_key)
         with pytest.raises(rsa.VerificationError):
-            signature_tool.verify(
-                "POST", path + "x", *args[2:], text, signature, alipay_public_key
-            )
+            signature_tool.verify("POST", path + "x", *args[2:], text, signature, alipay_public_key)
         with pytest.raises(rsa.VerificationError):
-            signature_tool.verify(
-                *args, text, signature, bare_public_key(random_private_key())
-            )
+            signature_tool.verify(*args, text, signature, bare_public_key(random_private_key()))
