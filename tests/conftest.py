@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from support.harness import (
-    Merchant,
     Server,
+    World,
     add_merchant,
     add_user,
     init_data_dir,
@@ -28,14 +27,6 @@ def data_dir(tmp_path: Path) -> Path:
 def server(data_dir: Path) -> Iterator[Server]:
     with running_server(data_dir) as srv:
         yield srv
-
-
-@dataclass
-class World:
-    server: Server
-    merchant: Merchant
-    user_id: str
-    token: str
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from support.harness import OTPGATE, cli, cli_json, free_port, init_data_dir, wait_ready, Server
 from otpgate.protocol import generate_private_key, load_public_key, public_key_bare
+from support.harness import OTPGATE, Server, cli, cli_json, free_port, init_data_dir, wait_ready
 
 
 def run(*args: str, data_dir: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import World
 from support.harness import (
     Answer,
+    World,
     add_merchant,
     add_user,
     cli,

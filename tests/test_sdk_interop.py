@@ -43,10 +43,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
-from conftest import World
 from support.harness import (
     Merchant,
     Server,
+    World,
     add_merchant,
     cli_json,
     inbox_codes,

@@ -1,4 +1,4 @@
-"""Wire dialects of the official SDKs (PROTOCOL.md §3–§4), sent over real sockets."""
+"""Wire dialects of the official SDKs (PROTOCOL.md §3 and §4), sent over real sockets."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from urllib.parse import quote
 
 import pytest
 
-from conftest import World
-from support.harness import init_body, verify_body
 from otpgate.protocol import content_to_sign
+from support.harness import World, init_body, verify_body
 
 PATH = "/ams/api/v1/users/initAuthentication"
 

@@ -195,6 +195,16 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
+@dataclass
+class World:
+    """A running server with merchant M_SHOP, user alice (phone and email) and her token."""
+
+    server: Server
+    merchant: Merchant
+    user_id: str
+    token: str
+
+
 def init_data_dir(data_dir: Path, **settings: Any) -> Path:
     code, out = cli(data_dir, "init")
     assert code == 0, out

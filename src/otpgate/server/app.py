@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -34,7 +35,8 @@ from otpgate.store import Store, open_store
 
 log = logging.getLogger("otpgate.server")
 
-OPS_PATHS = {"/healthz", "/readyz", "/metrics"}
+OPS_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+OPENAPI_DOCUMENT = Path(__file__).with_name("openapi.json")
 
 
 def policy_from(settings: Settings) -> OtpPolicy:
@@ -67,6 +69,7 @@ class OtpGateApp:
                 Route("/healthz", self._healthz),
                 Route("/readyz", self._readyz),
                 Route("/metrics", self._metrics),
+                Route("/openapi.json", self._openapi),
             ],
             lifespan=self._lifespan,
         )
@@ -153,6 +156,9 @@ class OtpGateApp:
                 checks["redis"] = f"down: {type(exc).__name__}"
         ready = all(value == "ok" for value in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    async def _openapi(self, _request: Request) -> Response:
+        return Response(OPENAPI_DOCUMENT.read_bytes(), media_type="application/json")
 
     async def _metrics(self, _request: Request) -> Response:
         if self._store is not None:
