@@ -64,6 +64,7 @@ class Settings:
     outbox_poll_seconds: float = 0.2
     delivery_in_process: bool = True
     log_level: str = "info"
+    access_log: bool = True
 
     @property
     def sqlite_path(self) -> Path:

@@ -8,6 +8,7 @@ Every answer is HTTP 200 with a signed body, errors and internal faults included
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class ApiSettings:
     max_body_bytes: int = 65_536
     request_time_window_seconds: int = 600
     client_rate_per_second: int = 100
+    access_log: bool = True
 
 
 class _Reject(Exception):
@@ -76,11 +78,13 @@ class SignedApi:
         self._settings = settings
         self._recorder = recorder
         self._clock = clock
+        self._access_log = settings.access_log and log.isEnabledFor(logging.INFO)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         started = time.perf_counter()
+        trace_id = os.urandom(8).hex()
         raw_path = scope.get("raw_path") or scope["path"].encode()
         query = scope.get("query_string", b"")
         sign_path = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
@@ -94,11 +98,23 @@ class SignedApi:
         except _Reject as reject:
             outcome = Outcome(reject.code, reject.message)
         except Exception:
-            log.exception("internal fault answering %s", api or sign_path)
+            log.exception("internal fault", extra={"trace_id": trace_id, "api": api})
             outcome = Outcome(ResultCode.UNKNOWN_EXCEPTION, "internal error; retry")
         body = _encode(api, outcome)
-        await self._respond(send, sign_path, client_id, body)
-        self._recorder.record(api or "unknown", outcome.code.name, time.perf_counter() - started)
+        await self._respond(send, sign_path, client_id, body, trace_id)
+        elapsed = time.perf_counter() - started
+        self._recorder.record(api or "unknown", outcome.code.name, elapsed)
+        if self._access_log:
+            log.info(
+                "answered",
+                extra={
+                    "trace_id": trace_id,
+                    "api": api or "unknown",
+                    "client_id": client_id[:64],
+                    "result_code": outcome.code.name,
+                    "ms": round(elapsed * 1000, 3),
+                },
+            )
 
     async def _handle(
         self,
@@ -164,7 +180,9 @@ class SignedApi:
             raise _Reject(exc.code, exc.message) from None
         return outcome
 
-    async def _respond(self, send: Send, sign_path: str, client_id: str, body: bytes) -> None:
+    async def _respond(
+        self, send: Send, sign_path: str, client_id: str, body: bytes, trace_id: str
+    ) -> None:
         response_time = format_response_time(self._clock())
         signature = self._signer.signature_header(
             content_to_sign("POST", sign_path, client_id, response_time, body)
@@ -179,6 +197,7 @@ class SignedApi:
                     (b"client-id", client_id.encode("latin-1", "replace")),
                     (b"response-time", response_time.encode()),
                     (b"signature", signature.encode()),
+                    (b"trace-id", trace_id.encode()),
                 ],
             }
         )

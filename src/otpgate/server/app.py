@@ -29,6 +29,7 @@ from otpgate.delivery.worker import DeliveryWorker
 from otpgate.protocol import Signer
 from otpgate.server.api import ApiSettings, SignedApi
 from otpgate.server.directory import ClientDirectory
+from otpgate.server.logs import configure_logging
 from otpgate.server.observe import RequestRecorder
 from otpgate.server.ratelimit import ClientRateLimiter
 from otpgate.store import Store, open_store
@@ -122,6 +123,7 @@ class OtpGateApp:
                 max_body_bytes=settings.max_body_bytes,
                 request_time_window_seconds=settings.request_time_window_seconds,
                 client_rate_per_second=settings.client_rate_per_second,
+                access_log=settings.access_log,
             ),
             self.recorder,
         )
@@ -168,5 +170,9 @@ class OtpGateApp:
 
 
 def create_app() -> OtpGateApp:
-    """uvicorn factory: settings from the environment (``OTPGATE_DATA_DIR`` etc.)."""
-    return OtpGateApp(load_settings())
+    """uvicorn factory: settings from the environment (``OTPGATE_DATA_DIR`` etc.).
+
+    Each worker process calls it, so each sets up its own JSON logging here."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return OtpGateApp(settings)

@@ -11,6 +11,9 @@ import logging
 import sys
 import time
 
+# Fields callers may pass with ``extra=``; nothing else of a record is copied into the line.
+_EXTRA_FIELDS = ("trace_id", "api", "client_id", "result_code", "ms")
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -21,9 +24,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        trace_id = getattr(record, "trace_id", None)
-        if trace_id:
-            document["trace_id"] = trace_id
+        for name in _EXTRA_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                document[name] = value
         if record.exc_info:
             document["error"] = self.formatException(record.exc_info)
         return json.dumps(document, ensure_ascii=False)

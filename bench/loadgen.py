@@ -1,0 +1,367 @@
+"""The load generator: replays pre-signed HTTP/1.1 requests over keep-alive connections.
+
+It runs in its own process (``python bench/loadgen.py SPEC.json``) so that its CPU is not the
+server's, and it does as little as it can per request: the request bytes are built and signed
+before it starts, and a response is parsed only as far as the status line, ``content-length``
+and a byte search of the body for the expected result. No RSA, no JSON, no HTTP library.
+
+Modes:
+
+``closed``  C connections, each sends its next request as soon as the previous answer is in
+            (peak throughput). A warm-up period comes first; the measured window then runs
+            ``duration`` seconds or until the prepared requests run out.
+``open``    Requests are scheduled at a fixed arrival rate, whatever the server does; latency
+            is measured from the *scheduled* time, so queueing in the generator counts
+            (no coordinated omission). Used for "p99 at 70 % of peak".
+``fill``    Closed loop until every prepared request is sent; no measurement (set-up work).
+
+The server's CPU is read with psutil (the supervisor and all its children) at the exact
+window boundaries, together with the generator's own CPU, and everything is written as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import pickle
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+perf = time.perf_counter
+
+
+def tree_cpu_seconds(root: psutil.Process) -> float:
+    """User + system CPU seconds of ``root`` and every live descendant."""
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """Nearest-rank percentiles in milliseconds."""
+    if not samples:
+        return {"p50_ms": 0.0, "p90_ms": 0.0, "p99_ms": 0.0, "p999_ms": 0.0, "max_ms": 0.0,
+                "mean_ms": 0.0}
+    ordered = sorted(samples)
+    count = len(ordered)
+
+    def rank(q: float) -> float:
+        return ordered[min(count - 1, max(0, math.ceil(q * count) - 1))] * 1000.0
+
+    return {
+        "p50_ms": rank(0.50),
+        "p90_ms": rank(0.90),
+        "p99_ms": rank(0.99),
+        "p999_ms": rank(0.999),
+        "max_ms": ordered[-1] * 1000.0,
+        "mean_ms": sum(ordered) / count * 1000.0,
+    }
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one request in flight (no pipelining)."""
+
+    def __init__(self, gen: Generator) -> None:
+        self.gen = gen
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.head_end = -1
+        self.total = -1
+        self.index = -1
+        self.started = 0.0
+        self.status_ok = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def send(self, index: int, started: float) -> None:
+        self.index = index
+        self.started = started
+        assert self.transport is not None
+        self.transport.write(self.gen.requests[index])
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if self.total < 0:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buffer[:end]).lower()
+            at = head.find(b"\r\ncontent-length:")
+            if at < 0:
+                self.gen.fail(self, "response without content-length")
+                return
+            stop = head.find(b"\r\n", at + 17)
+            length = int(head[at + 17 : stop if stop > 0 else None])
+            self.head_end = end + 4
+            self.total = self.head_end + length
+            self.status_ok = head.startswith(b"http/1.1 200")
+        if len(buffer) < self.total:
+            return
+        body = bytes(buffer[self.head_end : self.total])
+        del buffer[: self.total]
+        self.total = -1
+        self.gen.done(self, self.status_ok and self.gen.expect in body, body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.index >= 0:
+            self.gen.fail(self, f"connection lost: {exc}")
+
+
+class Generator:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        with open(spec["requests_file"], "rb") as handle:
+            self.requests: list[bytes] = pickle.load(handle)
+        self.expect = spec["expect"].encode()
+        self.mode: str = spec["mode"]
+        self.server = psutil.Process(spec["server_pid"]) if spec.get("server_pid") else None
+        self.next_index = 0
+        self.limit = len(self.requests)
+        self.in_flight = 0
+        self.measuring = False
+        self.accepting = True
+        self.latencies: list[float] = []
+        self.window_ok = 0
+        self.window_errors = 0
+        self.ok = 0
+        self.errors = 0
+        self.failed: list[int] = []
+        self.samples: list[str] = []
+        self.idle: deque[Connection] = deque()
+        self.backlog: deque[tuple[int, float]] = deque()
+        self.finished: asyncio.Future[None] | None = None
+        self.marks: dict[str, float] = {}
+        self.last_progress = perf()
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def mark(self, name: str) -> None:
+        """Record wall time, server CPU and own CPU at a window boundary."""
+        self.marks[name + "_wall"] = perf()
+        self.marks[name + "_server_cpu"] = tree_cpu_seconds(self.server) if self.server else 0.0
+        self.marks[name + "_gen_cpu"] = time.process_time()
+
+    def done(self, conn: Connection, ok: bool, body: bytes) -> None:
+        now = perf()
+        self.last_progress = now
+        self.in_flight -= 1
+        index = conn.index
+        conn.index = -1
+        if ok:
+            self.ok += 1
+        else:
+            self.errors += 1
+            self.failed.append(index)
+            if len(self.samples) < 5:
+                self.samples.append(body[:300].decode("utf-8", "replace"))
+        if self.measuring:
+            self.latencies.append(now - conn.started)
+            if ok:
+                self.window_ok += 1
+            else:
+                self.window_errors += 1
+        self.next_for(conn)
+
+    def fail(self, conn: Connection, why: str) -> None:
+        if conn.index >= 0:
+            self.failed.append(conn.index)
+            self.in_flight -= 1
+            conn.index = -1
+        self.errors += 1
+        if len(self.samples) < 5:
+            self.samples.append(why)
+        if conn.transport is not None:
+            conn.transport.abort()
+        self.check_finished()
+
+    def next_for(self, conn: Connection) -> None:
+        if self.mode == "open":
+            if self.backlog:
+                index, scheduled = self.backlog.popleft()
+                self.in_flight += 1
+                conn.send(index, scheduled)
+            else:
+                self.idle.append(conn)
+                self.check_finished()
+            return
+        if self.accepting and self.next_index < self.limit:
+            index = self.next_index
+            self.next_index += 1
+            self.in_flight += 1
+            conn.send(index, perf())
+            return
+        self.check_finished()
+
+    def check_finished(self) -> None:
+        if self.in_flight == 0 and self.finished is not None and not self.finished.done():
+            exhausted = self.next_index >= self.limit or not self.accepting
+            if self.mode != "open" and exhausted:
+                self.finished.set_result(None)
+            elif self.mode == "open" and self.next_index >= self.limit and not self.backlog:
+                self.finished.set_result(None)
+
+    # -- phases --------------------------------------------------------------------------
+
+    async def connect(self, count: int) -> list[Connection]:
+        loop = asyncio.get_running_loop()
+        conns = []
+        for _ in range(count):
+            _, proto = await loop.create_connection(
+                lambda: Connection(self), self.spec["host"], self.spec["port"]
+            )
+            conns.append(proto)
+        return conns
+
+    async def watchdog(self) -> None:
+        stall = float(self.spec.get("stall_seconds", 60))
+        while True:
+            await asyncio.sleep(1)
+            if self.in_flight and perf() - self.last_progress > stall:
+                raise TimeoutError(f"no answer for {stall:.0f}s with {self.in_flight} in flight")
+
+    async def run_closed(self, conns: list[Connection], warmup: float, duration: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.finished = loop.create_future()
+        measure = self.mode == "closed"
+
+        def start_window() -> None:
+            self.mark("start")
+            self.measuring = True
+
+        def end_window() -> None:
+            if self.measuring:
+                self.measuring = False
+                self.mark("end")
+            self.accepting = False
+            self.check_finished()
+
+        if measure:
+            if warmup > 0:
+                loop.call_later(warmup, start_window)
+            else:
+                start_window()
+            loop.call_later(warmup + duration, end_window)
+        for conn in conns:
+            self.next_for(conn)
+        await self.finished
+        if measure and self.measuring:
+            # The prepared requests ran out before the duration: the window ends here.
+            self.measuring = False
+            self.mark("end")
+            self.marks["truncated"] = 1.0
+        elif measure and "start_wall" not in self.marks:
+            # Ran out during the warm-up: nothing measured. Say so rather than divide by 0.
+            self.mark("start")
+            self.mark("end")
+            self.marks["truncated"] = 1.0
+
+    async def run_open(self, conns: list[Connection], rate: float, duration: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.finished = loop.create_future()
+        self.limit = min(self.limit, max(1, int(rate * duration)))
+        self.idle.extend(conns)
+        interval = 1.0 / rate
+        self.mark("start")
+        self.measuring = True
+        t0 = perf()
+        while self.next_index < self.limit:
+            now = perf()
+            due = min(self.limit, int((now - t0) * rate) + 1)
+            while self.next_index < due:
+                index = self.next_index
+                scheduled = t0 + index * interval
+                self.next_index += 1
+                if self.idle:
+                    self.in_flight += 1
+                    self.idle.popleft().send(index, scheduled)
+                else:
+                    self.backlog.append((index, scheduled))
+            delay = t0 + self.next_index * interval - perf()
+            await asyncio.sleep(delay if delay > 0 else 0)
+        self.check_finished()
+        await self.finished
+        self.measuring = False
+        self.mark("end")
+        self.marks["scheduled_s"] = self.limit * interval
+
+    async def main(self) -> dict[str, Any]:
+        spec = self.spec
+        conns = await self.connect(int(spec["concurrency"]))
+        dog = asyncio.ensure_future(self.watchdog())
+        try:
+            work: Any
+            if self.mode == "open":
+                work = self.run_open(conns, float(spec["rate"]), float(spec["duration"]))
+            else:
+                work = self.run_closed(
+                    conns, float(spec.get("warmup", 0)), float(spec.get("duration", 1e9))
+                )
+            task = asyncio.ensure_future(work)
+            done, _ = await asyncio.wait({task, dog}, return_when=asyncio.FIRST_COMPLETED)
+            if dog in done:
+                task.cancel()
+                dog.result()
+            task.result()
+        finally:
+            dog.cancel()
+            for conn in conns:
+                if conn.transport is not None:
+                    conn.transport.close()
+        return self.report()
+
+    def report(self) -> dict[str, Any]:
+        marks = self.marks
+        window = marks.get("end_wall", 0.0) - marks.get("start_wall", 0.0)
+        measured = self.window_ok + self.window_errors
+        result: dict[str, Any] = {
+            "mode": self.mode,
+            "prepared": len(self.requests),
+            "sent": self.next_index,
+            "ok": self.ok,
+            "errors": self.errors,
+            "failed_indices": self.failed,
+            "error_samples": self.samples,
+            "window_s": window,
+            "window_requests": measured,
+            "window_ok": self.window_ok,
+            "window_errors": self.window_errors,
+            "requests_per_s": measured / window if window > 0 else 0.0,
+            "truncated": bool(marks.get("truncated")),
+            "server_cpu_start": marks.get("start_server_cpu", 0.0),
+            "server_cpu_end": marks.get("end_server_cpu", 0.0),
+            "loadgen_cpu_s": marks.get("end_gen_cpu", 0.0) - marks.get("start_gen_cpu", 0.0),
+            "scheduled_s": marks.get("scheduled_s", 0.0),
+        }
+        result.update(percentiles(self.latencies))
+        return result
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        pass
+    generator = Generator(spec)
+    result = asyncio.run(generator.main())
+    Path(spec["out_file"]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
