@@ -125,7 +125,8 @@ def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
     assert cli(data, "user", "import", str(users))[0] == 0
     ids = tmp_path / "ids.txt"
     ids.write_text("".join(f"u{i}\n" for i in range(USERS)))
-    code, out = cli(data, "token", "issue-batch", "--client", "M_SHOP", "--users-file", str(ids))
+    status, out = cli(data, "token", "issue-batch", "--client", "M_SHOP", "--users-file", str(ids))
+    assert status == 0, out
     tokens = [json.loads(line)["accessToken"] for line in out.splitlines()]
 
     server = start_server(data, workers=2)
@@ -140,8 +141,8 @@ def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
         assert challenges[rid] >= answered, f"{rid} lost attempts it had answered for"
     queued = dict(
         db.execute(
-            "SELECT c.request_id, count(o.id) FROM challenges c JOIN outbox o ON o.challenge_id = c.id"
-            " GROUP BY c.request_id"
+            "SELECT c.request_id, count(o.id) FROM challenges c"
+            " JOIN outbox o ON o.challenge_id = c.id GROUP BY c.request_id"
         ).fetchall()
     )
     assert all(queued.get(rid) == 1 for rid in succeeded), "a SUCCESS init has no message"
