@@ -73,7 +73,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, gen: Generator) -> None:
         self.gen = gen
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
         self.buffer = bytearray()
         self.head_end = -1
         self.total = -1
@@ -82,13 +82,11 @@ class Connection(asyncio.Protocol):
         self.status_ok = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def send(self, index: int, started: float) -> None:
         self.index = index
         self.started = started
-        assert self.transport is not None
         self.transport.write(self.gen.requests[index])
 
     def data_received(self, data: bytes) -> None:
@@ -136,6 +134,7 @@ class Generator:
         self.latencies: list[float] = []
         self.window_ok = 0
         self.window_errors = 0
+        self.tail = 0
         self.ok = 0
         self.errors = 0
         self.failed: list[int] = []
@@ -173,6 +172,8 @@ class Generator:
                 self.window_ok += 1
             else:
                 self.window_errors += 1
+        elif "end_wall" in self.marks:
+            self.tail += 1  # answered after the window: its CPU may fall after the end mark
         self.next_for(conn)
 
     def fail(self, conn: Connection, why: str) -> None:
@@ -338,6 +339,7 @@ class Generator:
             "window_requests": measured,
             "window_ok": self.window_ok,
             "window_errors": self.window_errors,
+            "tail_requests": self.tail,
             "requests_per_s": measured / window if window > 0 else 0.0,
             "truncated": bool(marks.get("truncated")),
             "server_cpu_start": marks.get("start_server_cpu", 0.0),

@@ -613,8 +613,7 @@ def closed_then_open(
         # Delivery of the codes is part of what an init costs: count until the outbox is empty.
         server.drain()
         server_cpu = server.cpu_seconds() - closed["server_cpu_start"]
-        requests_for_cpu = closed["ok"] - (closed["sent"] - closed["window_requests"])
-        requests_for_cpu = max(closed["window_requests"], requests_for_cpu)
+        requests_for_cpu = closed["window_requests"] + closed["tail_requests"]
     if closed["truncated"]:
         log(f"  {label} {api}: prepared requests ran out after {closed['window_s']:.1f}s")
     log(

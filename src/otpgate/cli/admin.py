@@ -416,7 +416,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     rows = with_store(args, lambda store: store.audit_rows())
     broken = first_broken_row(rows)
     if broken is None:
-        emit(args, {"intact": True, "rows": len(rows)}, f"audit chain intact ({len(rows)} rows)")
+        head = rows[-1].row_hash.hex() if rows else None
+        emit(
+            args,
+            {"intact": True, "rows": len(rows), "head": head},
+            f"audit chain intact ({len(rows)} rows, head {head})",
+        )
         return 0
     seq, reason = broken
     emit(

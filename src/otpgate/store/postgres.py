@@ -64,7 +64,7 @@ import contextlib
 import re
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -302,8 +302,9 @@ charged AS (
         lockout_level = CASE WHEN outcome.claimed = 'passed' THEN 0
                              WHEN outcome.locks THEN outcome.lockout_level + 1
                              ELSE outcome.lockout_level END,
-        locked_until = CASE WHEN outcome.locks
-            THEN :now + (:lockouts::float8[])[LEAST(outcome.lockout_level, {_MAX_LOCKOUT_LEVEL}) + 1]
+        locked_until = CASE
+            WHEN outcome.locks THEN
+                :now + (:lockouts::float8[])[LEAST(outcome.lockout_level, {_MAX_LOCKOUT_LEVEL}) + 1]
             ELSE users.locked_until END
     FROM outcome
     WHERE users.user_id = :user_id AND outcome.claimed IS NOT NULL
@@ -349,21 +350,23 @@ _CLIENT_COLUMNS = """
         AS public_keys"""
 
 
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable
+    TimeoutError,  # command_timeout, connect timeout, pool acquire timeout
+    asyncpg.PostgresConnectionError,  # class 08, including connections lost mid-operation
+    asyncpg.exceptions.OperatorInterventionError,  # 57: shutdown, terminated, starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
+    asyncpg.exceptions.TransactionRollbackError,  # 40: deadlock or serialisation; retryable
+)
+
+
 def _is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means "the database cannot answer now" rather than a bug or bad data."""
     if isinstance(exc, asyncpg.InterfaceError):
         # "connection is closed", "pool is closing"; not DataError and the like (ValueErrors:
         # a value of the wrong type is a bug to surface, not an outage to retry).
         return not isinstance(exc, ValueError)
-    return isinstance(
-        exc,
-        OSError  # refused, reset, unreachable
-        | TimeoutError  # command_timeout, connect timeout, pool acquire timeout
-        | asyncpg.PostgresConnectionError  # class 08, including lost connections
-        | asyncpg.exceptions.OperatorInterventionError  # 57: shutdown, terminated, starting up
-        | asyncpg.exceptions.InsufficientResourcesError  # 53: too many connections, disk full
-        | asyncpg.exceptions.TransactionRollbackError,  # 40: deadlock/serialisation, retryable
-    )
+    return isinstance(exc, _UNAVAILABLE)
 
 
 def _split_schema(url: str) -> tuple[str, str | None]:
@@ -437,8 +440,12 @@ class PostgresStore:
         """
         async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            current = int(await conn.fetchval("SELECT COALESCE(max(version), 0) FROM schema_version"))
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+            current = int(
+                await conn.fetchval("SELECT COALESCE(max(version), 0) FROM schema_version")
+            )
             for version, script in _migrations("postgres"):
                 if version > current:
                     await conn.execute(script)
@@ -531,7 +538,6 @@ class PostgresStore:
     ) -> InitDecision:
         c = challenge
         payload = self._sealer.seal(c.message_subject + "\n" + c.message_text, _PAYLOAD_CONTEXT)
-        statuses, codes, digests = _audit_choices(audit, _init_events(audit))
         async with self._connection() as conn, conn.transaction(isolation="read_committed"):
             owner = await conn.fetchval(
                 "SELECT TRUE FROM users WHERE user_id = $1 FOR UPDATE", c.user_id
@@ -545,10 +551,7 @@ class PostgresStore:
             row = await conn.fetchrow(
                 _INIT.text,
                 *_INIT.args(
-                    statuses=statuses,
-                    codes=codes,
-                    digests=digests,
-                    **_audit_fields(audit),
+                    **_audit_params(_init_events(audit)),
                     client_id=c.client_id,
                     request_id=c.request_id,
                     user_id=c.user_id,
@@ -601,14 +604,10 @@ class PostgresStore:
                 status: _replace_code(audit, _verify_code(VerifyDecision(status)), user_id)
                 for status in VerifyStatus
             }
-            statuses, codes, digests = _audit_choices(audit, events)
             row = await conn.fetchrow(
                 _VERIFY.text,
                 *_VERIFY.args(
-                    statuses=statuses,
-                    codes=codes,
-                    digests=digests,
-                    **_audit_fields(events[VerifyStatus.UNKNOWN]),
+                    **_audit_params(events),
                     client_id=client_id,
                     request_id=request_id,
                     user_id=user_id,
@@ -783,7 +782,7 @@ class PostgresStore:
     async def list_clients(self) -> list[Client]:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"SELECT {_CLIENT_COLUMNS} FROM clients c ORDER BY client_id COLLATE \"C\""
+                f'SELECT {_CLIENT_COLUMNS} FROM clients c ORDER BY client_id COLLATE "C"'
             )
         return [_client(row, zip(row[7], row[8], strict=True)) for row in rows]
 
@@ -903,7 +902,7 @@ def _audit_fields(event: AuditEvent) -> dict[str, Any]:
 
 def _init_events(audit: AuditEvent) -> dict[InitStatus, AuditEvent]:
     """The audit row SqliteStore.create_challenge writes for each init outcome."""
-    events = {}
+    events: dict[InitStatus, AuditEvent] = {}
     for status in InitStatus:
         if status is InitStatus.CREATED:
             events[status] = audit
@@ -913,21 +912,21 @@ def _init_events(audit: AuditEvent) -> dict[InitStatus, AuditEvent]:
     return events
 
 
-def _audit_choices(
-    audit: AuditEvent, events: dict[Any, AuditEvent]
-) -> tuple[list[str], list[str], list[bytes]]:
-    """(status names, result codes, content digests) for every outcome a statement can reach.
+def _audit_params(events: Mapping[Any, AuditEvent]) -> dict[str, Any]:
+    """Audit parameters for a statement that learns its outcome only as it runs.
 
-    The statement learns its outcome only as it runs, and the digest must be computed in
-    Python, so it is computed for each possible outcome and the statement picks one. All
-    outcomes share the event's other fields (``_audit_fields``), which the statement writes.
+    ``events`` maps each outcome (an enum member) to the audit row the SQLite store writes
+    for it. The content digest must be computed in Python, so it is computed for every
+    outcome and the statement picks the one it reaches (``_CHOSEN_ENTRY``). The outcomes
+    differ only in result code; the other fields are bound once.
     """
-    statuses, codes, digests = [], [], []
-    cache: dict[tuple[str, str | None], bytes] = {}
-    for status, event in events.items():
-        key = (event.result_code, event.user_id)
-        if key not in cache:
-            cache[key] = content_digest(
+    first = next(iter(events.values()))
+    if any(e.user_id != first.user_id for e in events.values()):
+        raise ValueError("audit choices must share every field but the result code")
+    digests: dict[str, bytes] = {}
+    for event in events.values():
+        if event.result_code not in digests:
+            digests[event.result_code] = content_digest(
                 event.at,
                 event.api,
                 event.client_id,
@@ -936,7 +935,9 @@ def _audit_choices(
                 event.result_code,
                 event.detail,
             )
-        statuses.append(status.name)
-        codes.append(event.result_code)
-        digests.append(cache[key])
-    return statuses, codes, digests
+    return {
+        "statuses": [status.name for status in events],
+        "codes": [event.result_code for event in events.values()],
+        "digests": [digests[event.result_code] for event in events.values()],
+        **_audit_fields(first),
+    }
