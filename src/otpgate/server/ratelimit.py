@@ -7,6 +7,7 @@ allows), Redis when ``REDIS_URL`` is set (global across processes and nodes).
 from __future__ import annotations
 
 from limits import RateLimitItemPerSecond
+from redis.asyncio import BlockingConnectionPool
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import FixedWindowRateLimiter
 
@@ -23,13 +24,18 @@ class ClientRateLimiter:
 
     @classmethod
     def redis(cls, url: str, prefix: str) -> ClientRateLimiter:
+        # A bounded, blocking pool: a burst waits (up to 2 s) for one of 32 connections
+        # instead of opening hundreds at once; every socket operation is bounded too.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=32,
+            timeout=2.0,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+        )
         uri = url.replace("redis://", "async+redis://", 1)
         storage = RedisStorage(
-            uri,
-            implementation="redispy",
-            key_prefix=f"{prefix}:rate",
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
+            uri, implementation="redispy", key_prefix=f"{prefix}:rate", connection_pool=pool
         )
         return cls(storage)
 
