@@ -37,14 +37,20 @@ import psutil
 perf = time.perf_counter
 
 
-def tree_cpu_seconds(root: psutil.Process) -> float:
-    """User + system CPU seconds of ``root`` and every live descendant."""
-    total = 0.0
+def tree_cpu_times(root: psutil.Process) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``root`` and every live descendant."""
+    user = system = 0.0
     for proc in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
             times = proc.cpu_times()
-            total += times.user + times.system
-    return total
+            user += times.user
+            system += times.system
+    return user, system
+
+
+def tree_cpu_seconds(root: psutil.Process) -> float:
+    """User + system CPU seconds of ``root`` and every live descendant."""
+    return sum(tree_cpu_times(root))
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -130,6 +136,10 @@ class Generator:
         self.limit = len(self.requests)
         self.in_flight = 0
         self.measuring = False
+        self.warming = False
+        self.warmed = 0
+        self.warmup_max = int(spec.get("warmup_max_requests") or 0)
+        self.start_window: Any = None
         self.accepting = True
         self.latencies: list[float] = []
         self.window_ok = 0
@@ -150,7 +160,9 @@ class Generator:
     def mark(self, name: str) -> None:
         """Record wall time, server CPU and own CPU at a window boundary."""
         self.marks[name + "_wall"] = perf()
-        self.marks[name + "_server_cpu"] = tree_cpu_seconds(self.server) if self.server else 0.0
+        user, system = tree_cpu_times(self.server) if self.server else (0.0, 0.0)
+        self.marks[name + "_server_cpu"] = user + system
+        self.marks[name + "_server_sys"] = system
         self.marks[name + "_gen_cpu"] = time.process_time()
 
     def done(self, conn: Connection, ok: bool, body: bytes) -> None:
@@ -172,6 +184,10 @@ class Generator:
                 self.window_ok += 1
             else:
                 self.window_errors += 1
+        elif self.warming:
+            self.warmed += 1
+            if self.warmup_max and self.warmed >= self.warmup_max:
+                self.start_window()  # a small prepared set: warm up on a fifth of it at most
         elif "end_wall" in self.marks:
             self.tail += 1  # answered after the window: its CPU may fall after the end mark
         self.next_for(conn)
@@ -238,10 +254,6 @@ class Generator:
         self.finished = loop.create_future()
         measure = self.mode == "closed"
 
-        def start_window() -> None:
-            self.mark("start")
-            self.measuring = True
-
         def end_window() -> None:
             if self.measuring:
                 self.measuring = False
@@ -249,12 +261,20 @@ class Generator:
             self.accepting = False
             self.check_finished()
 
+        def start_window() -> None:
+            if self.warming:
+                self.warming = False
+                self.mark("start")
+                self.measuring = True
+                loop.call_later(duration, end_window)
+
         if measure:
+            self.warming = True
+            self.start_window = start_window
             if warmup > 0:
                 loop.call_later(warmup, start_window)
             else:
                 start_window()
-            loop.call_later(warmup + duration, end_window)
         for conn in conns:
             self.next_for(conn)
         await self.finished
@@ -344,6 +364,7 @@ class Generator:
             "truncated": bool(marks.get("truncated")),
             "server_cpu_start": marks.get("start_server_cpu", 0.0),
             "server_cpu_end": marks.get("end_server_cpu", 0.0),
+            "server_sys_s": marks.get("end_server_sys", 0.0) - marks.get("start_server_sys", 0.0),
             "loadgen_cpu_s": marks.get("end_gen_cpu", 0.0) - marks.get("start_gen_cpu", 0.0),
             "scheduled_s": marks.get("scheduled_s", 0.0),
         }

@@ -62,6 +62,7 @@ class Settings:
     outbox_max_tries: int = 8
     outbox_lease_seconds: float = 30.0
     outbox_poll_seconds: float = 0.2
+    outbox_retry_base_seconds: float = 1.0
     delivery_in_process: bool = True
     log_level: str = "info"
     access_log: bool = True

@@ -134,6 +134,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             max_tries=settings.outbox_max_tries,
             lease_seconds=settings.outbox_lease_seconds,
             poll_seconds=settings.outbox_poll_seconds,
+            retry_base_seconds=settings.outbox_retry_base_seconds,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

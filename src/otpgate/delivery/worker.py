@@ -62,6 +62,7 @@ class DeliveryWorker:
         max_tries: int = 8,
         lease_seconds: float = 30.0,
         poll_seconds: float = 0.2,
+        retry_base_seconds: float = 1.0,
         batch_size: int = 32,
         clock: Clock = time.time,
         listener: DeliveryListener | None = None,
@@ -71,6 +72,7 @@ class DeliveryWorker:
         self._max_tries = max_tries
         self._lease = lease_seconds
         self._poll = poll_seconds
+        self._retry_base = retry_base_seconds
         self._batch = batch_size
         self._clock = clock
         self._listener = listener
@@ -143,7 +145,7 @@ class DeliveryWorker:
                 )
                 self._record(message.provider, "failed")
             else:
-                retry_at = self._clock() + backoff_seconds(message.tries)
+                retry_at = self._clock() + backoff_seconds(message.tries, base=self._retry_base)
                 await self._store.retry_message(message.outbox_id, retry_at, error)
                 self._record(message.provider, "retry")
         else:

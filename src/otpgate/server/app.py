@@ -103,6 +103,7 @@ class OtpGateApp:
             max_tries=settings.outbox_max_tries,
             lease_seconds=settings.outbox_lease_seconds,
             poll_seconds=settings.outbox_poll_seconds,
+            retry_base_seconds=settings.outbox_retry_base_seconds,
             listener=self.recorder,
         )
         in_process = settings.delivery_in_process

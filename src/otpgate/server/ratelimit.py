@@ -7,9 +7,9 @@ allows), Redis when ``REDIS_URL`` is set (global across processes and nodes).
 from __future__ import annotations
 
 from limits import RateLimitItemPerSecond
-from redis.asyncio import BlockingConnectionPool
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import FixedWindowRateLimiter
+from redis.asyncio import BlockingConnectionPool
 
 
 class ClientRateLimiter:

@@ -357,6 +357,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # 57: shutdown, terminated, starting up
     asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
     asyncpg.exceptions.TransactionRollbackError,  # 40: deadlock or serialisation; retryable
+    # The driver lost track of the protocol, e.g. the server's "terminating connection"
+    # arrived mid-statement ("cannot switch to state …"): that connection is gone.
+    asyncpg.InternalClientError,
 )
 
 
@@ -402,12 +405,14 @@ class PostgresStore:
         sealer: Sealer,
         *,
         schema: str | None = None,
+        min_size: int = 1,
         max_size: int = 10,
         command_timeout: float = 5.0,
         connect_timeout: float = 5.0,
     ) -> PostgresStore:
-        """Open a pool of at most ``max_size`` connections; one is opened now, so an
-        unreachable server raises ``StoreUnavailable`` here rather than on the first request.
+        """Open a pool of ``min_size`` to ``max_size`` connections. The first ``min_size`` are
+        opened now, so an unreachable server raises ``StoreUnavailable`` here rather than on
+        the first request.
 
         ``schema`` (or ``?schema=`` in the URL; the keyword wins) becomes the ``search_path``.
         """
@@ -420,7 +425,7 @@ class PostgresStore:
         try:
             pool = await asyncpg.create_pool(
                 dsn,
-                min_size=1,
+                min_size=min_size,
                 max_size=max_size,
                 command_timeout=command_timeout,
                 timeout=connect_timeout,

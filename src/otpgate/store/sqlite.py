@@ -565,10 +565,10 @@ class SqliteStore:
     async def add_tokens(
         self, tokens: Sequence[tuple[bytes, str, str, frozenset[str], float]]
     ) -> None:
-        """Store (hash, client, user, scopes, expires_at) rows; client and users must exist."""
+        """Store (hash, client, user, scopes, expires_at) rows; clients and users must exist."""
         now = time.time()
         with self._write() as db:
-            for _, client_id, user_id, _, _ in tokens[:1]:
+            for client_id in dict.fromkeys(client_id for _, client_id, _, _, _ in tokens):
                 self._require(db, "clients", "client_id", client_id, "client")
             missing = [
                 user_id
@@ -578,11 +578,14 @@ class SqliteStore:
             ]
             if missing:
                 raise StoreConflict(f"no user {missing[0]}")
-            db.executemany(
-                "INSERT INTO tokens (token_hash, client_id, user_id, scopes, expires_at,"
-                " created_at) VALUES (?,?,?,?,?,?)",
-                [(h, c, u, " ".join(sorted(s)), e, now) for h, c, u, s, e in tokens],
-            )
+            try:
+                db.executemany(
+                    "INSERT INTO tokens (token_hash, client_id, user_id, scopes, expires_at,"
+                    " created_at) VALUES (?,?,?,?,?,?)",
+                    [(h, c, u, " ".join(sorted(s)), e, now) for h, c, u, s, e in tokens],
+                )
+            except sqlite3.IntegrityError:
+                raise StoreConflict("a token already exists") from None
 
     async def revoke_token(self, token_hash: bytes) -> None:
         with self._write() as db:
