@@ -2,11 +2,18 @@
 
 Recording is a counter increment and a histogram observation: a few microseconds, nothing
 beside the ~1 ms of RSA every request pays anyway.
+
+With ``serve --workers N`` a scrape reaches one worker process at random, so ``serve`` points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory and every process writes its samples there;
+the exposition then aggregates all of them (prometheus_client's multiprocess mode).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -28,7 +35,10 @@ class RequestRecorder:
             registry=self.registry,
         )
         self.outbox_depth = Gauge(
-            "otpgate_outbox_queued", "Messages waiting in the outbox", registry=self.registry
+            "otpgate_outbox_queued",
+            "Messages waiting in the outbox",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.deliveries = Counter(
             "otpgate_deliveries",
@@ -45,4 +55,8 @@ class RequestRecorder:
         self.deliveries.labels(provider, outcome).inc()
 
     def exposition(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)
