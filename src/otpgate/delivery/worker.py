@@ -84,19 +84,23 @@ class DeliveryWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set; the batch in hand is always finished first."""
+        failures = 0
         while not stop.is_set():
             try:
                 handled = await self.run_once()
+                failures = 0
             except Exception:
-                log.exception("outbox batch failed; retrying")
+                # The store is down or failing: say so once per streak, back off up to 5 s.
+                if failures == 0:
+                    log.exception("outbox batch failed; retrying with backoff")
+                failures += 1
                 handled = 0
             if handled:
                 continue
             self._wake.clear()
             waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())}
-            await asyncio.wait(
-                waiters, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED
-            )
+            pause = min(5.0, self._poll * 2**failures) if failures else self._poll
+            await asyncio.wait(waiters, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
             for task in waiters:
                 task.cancel()
 
@@ -137,8 +141,16 @@ class DeliveryWorker:
         except PermanentDeliveryError as exc:
             await self._store.finish_message(message.outbox_id, "failed", self._clock(), str(exc))
             self._record(message.provider, "failed")
-        except (TransientDeliveryError, TimeoutError) as exc:
-            error = str(exc) or "provider timed out"
+        except (TransientDeliveryError, TimeoutError, Exception) as exc:
+            # Anything a provider raises beyond its contract is retried like a transient
+            # failure, so max tries still ends it (named by type only: no message text leaks).
+            if isinstance(exc, TransientDeliveryError):
+                error = str(exc)
+            elif isinstance(exc, TimeoutError):
+                error = "provider timed out"
+            else:
+                log.exception("provider %s raised unexpectedly", message.provider)
+                error = f"provider error: {type(exc).__name__}"
             if message.tries >= self._max_tries:
                 await self._store.finish_message(
                     message.outbox_id, "failed", self._clock(), f"gave up: {error}"
