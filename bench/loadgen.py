@@ -164,6 +164,13 @@ class Generator:
         self.marks[name + "_server_cpu"] = user + system
         self.marks[name + "_server_sys"] = system
         self.marks[name + "_gen_cpu"] = time.process_time()
+        machine = psutil.cpu_times()
+        self.marks[name + "_machine_busy"] = (
+            sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+            - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)
+            - getattr(machine, "steal", 0.0)
+        )
+        self.marks[name + "_machine_steal"] = getattr(machine, "steal", 0.0)
 
     def done(self, conn: Connection, ok: bool, body: bytes) -> None:
         now = perf()
@@ -367,6 +374,11 @@ class Generator:
             "server_sys_s": marks.get("end_server_sys", 0.0) - marks.get("start_server_sys", 0.0),
             "loadgen_cpu_s": marks.get("end_gen_cpu", 0.0) - marks.get("start_gen_cpu", 0.0),
             "scheduled_s": marks.get("scheduled_s", 0.0),
+            # Every process on the machine, this one and the server included.
+            "machine_busy_cpu_s": marks.get("end_machine_busy", 0.0)
+            - marks.get("start_machine_busy", 0.0),
+            "machine_steal_cpu_s": marks.get("end_machine_steal", 0.0)
+            - marks.get("start_machine_steal", 0.0),
         }
         result.update(percentiles(self.latencies))
         return result

@@ -561,6 +561,18 @@ def summarise(
         / max(1e-9, closed["server_cpu_end"] - closed["server_cpu_start"]),
         "loadgen_cpu_per_request_s": closed["loadgen_cpu_s"] / measured if measured else 0.0,
         "loadgen_cores_busy": closed["loadgen_cpu_s"] / window if window else 0.0,
+        # Everything else the machine ran meanwhile (other jobs, the kernel's own threads):
+        # the server and the generator compete with it for the same cores.
+        "other_cores_busy": max(
+            0.0,
+            closed["machine_busy_cpu_s"]
+            - (closed["server_cpu_end"] - closed["server_cpu_start"])
+            - closed["loadgen_cpu_s"],
+        )
+        / window
+        if window
+        else 0.0,
+        "steal_cores": closed["machine_steal_cpu_s"] / window if window else 0.0,
         "latency_ms": {k: closed[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")},
     }
     if open_loop is not None:
@@ -979,7 +991,7 @@ def render_table(report: dict[str, Any]) -> str:
     ]
     header = (
         f"{'api':<7}{'store':<9}{'wrk':>4}{'req/s':>9}{'p50':>8}{'p99':>8}{'p99.9':>8}"
-        f"{'p99@70%':>9}{'cpu/req':>9}{'ratio':>7}{'srv':>6}{'gen':>6}{'err':>5}"
+        f"{'p99@70%':>9}{'cpu/req':>9}{'ratio':>7}{'srv':>6}{'gen':>6}{'other':>6}{'err':>5}"
     )
     lines += [header, "-" * len(header)]
     for r in report["results"]:
@@ -989,13 +1001,15 @@ def render_table(report: dict[str, Any]) -> str:
             f"{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}{r['p999_ms']:>8.1f}"
             f"{(f'{p99_70:.1f}' if p99_70 is not None else '-'):>9}"
             f"{r['cpu_per_request_s'] * 1e3:>9.3f}{r['overhead_ratio']:>7.2f}"
-            f"{r['server_cores_busy']:>6.2f}{r['loadgen_cores_busy']:>6.2f}{r['errors']:>5}"
+            f"{r['server_cores_busy']:>6.2f}{r['loadgen_cores_busy']:>6.2f}"
+            f"{r['other_cores_busy']:>6.2f}{r['errors']:>5}"
             + ("  (ran out of requests)" if r["truncated"] else "")
         )
     lines += [
         "",
         "latencies in ms; cpu/req = server CPU ms per request (all processes);"
-        " ratio = cpu/req / floor; srv, gen = cores busy (server, load generator) at peak",
+        " ratio = cpu/req / floor; srv, gen, other = cores busy at peak (server, load"
+        " generator, everything else on the machine)",
     ]
     if report.get("scaling"):
         lines.append(

@@ -141,7 +141,7 @@ class DeliveryWorker:
         except PermanentDeliveryError as exc:
             await self._store.finish_message(message.outbox_id, "failed", self._clock(), str(exc))
             self._record(message.provider, "failed")
-        except (TransientDeliveryError, TimeoutError, Exception) as exc:
+        except Exception as exc:
             # Anything a provider raises beyond its contract is retried like a transient
             # failure, so max tries still ends it (named by type only: no message text leaks).
             if isinstance(exc, TransientDeliveryError):

@@ -33,7 +33,13 @@ own statement: under READ COMMITTED each statement reads a snapshot taken when i
 the limit checks must see every challenge committed by whoever held the lock before us.
 Concurrent inits with one id but *different* users are not serialised by the lock; the unique
 index settles them (``DO NOTHING``), and the loser reads the winner's params_hash to answer
-REPLAYED or CONFLICT (2 more round trips, only in that race).
+REPLAYED or CONFLICT (2 more round trips, only in that race; 1 more if the user row is gone,
+when an advisory lock on the user id stands in for it).
+
+Round trips are counted with prepared statements cached (the first use of each statement on
+a connection adds one to prepare it); releasing a connection to the pool sends nothing
+(``_keep_session``). Measured on localhost: verify about 1.2 ms, init about 3.5 ms, most of it
+the commit's WAL flush.
 
 **Audit chain.** ``audit_head`` is a single row holding the chain's tip. Each audit row is
 appended by ``UPDATE audit_head SET seq = seq + 1, hash = sha256(hash || digest) RETURNING …``
@@ -97,6 +103,9 @@ _INBOX_CONTEXT = b"otpgate-inbox"
 
 _MIGRATION_LOCK = int.from_bytes(b"otpgate", "big")
 """``pg_advisory_xact_lock`` key held while migrating, so nodes starting at once take turns."""
+
+_MIGRATION_TIMEOUT = 300.0
+"""Seconds a migration statement (or the wait for that lock) may take, beyond command_timeout."""
 
 _USER_LOCK_CLASS = int.from_bytes(b"ou", "big")
 """First key of the advisory lock that stands in for a missing user row (see create_challenge)."""
@@ -372,6 +381,15 @@ def _is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _UNAVAILABLE)
 
 
+async def _keep_session(conn: Any) -> None:
+    """Pool release hook that sends nothing.
+
+    asyncpg's default sends ``RESET ALL``, ``UNLISTEN *``… on every release: a round trip per
+    store call. This store leaves no session state behind (no SET, LISTEN, cursor or session
+    advisory lock), and asyncpg still rolls back a transaction left open before calling this.
+    """
+
+
 def _split_schema(url: str) -> tuple[str, str | None]:
     """Take a ``schema`` query parameter out of the URL (asyncpg would send it as a setting)."""
     parts = urllib.parse.urlsplit(url)
@@ -391,6 +409,8 @@ def _affected(status: str) -> int:
 
 
 class PostgresStore:
+    """The ``Store`` on PostgreSQL; open it with ``PostgresStore.connect``."""
+
     def __init__(self, pool: Any, sealer: Sealer, *, acquire_timeout: float = 5.0) -> None:
         self._pool = pool
         self._sealer = sealer
@@ -430,6 +450,7 @@ class PostgresStore:
                 command_timeout=command_timeout,
                 timeout=connect_timeout,
                 server_settings=settings,
+                reset=_keep_session,
             )
         except Exception as exc:
             if _is_unavailable(exc):
@@ -443,8 +464,9 @@ class PostgresStore:
         The advisory lock makes concurrent callers (nodes starting at once) take turns; the
         second then finds the schema current and applies nothing.
         """
+        wait = _MIGRATION_TIMEOUT  # another node's migration may hold the lock a while
         async with self._connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK, timeout=wait)
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
             )
@@ -453,7 +475,7 @@ class PostgresStore:
             )
             for version, script in _migrations("postgres"):
                 if version > current:
-                    await conn.execute(script)
+                    await conn.execute(script, timeout=wait)
                     await conn.execute("INSERT INTO schema_version VALUES ($1)", version)
                     current = version
         return current
