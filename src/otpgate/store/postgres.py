@@ -3,8 +3,9 @@
 It answers exactly as ``SqliteStore`` (the reference semantics); one contract test suite
 (tests/store/) runs against both. SQLite gets exactness for free by serialising writers;
 here many nodes write at once under READ COMMITTED, so each atomic operation is built from
-conditional writes whose conditions PostgreSQL re-checks on the newest row version, and no
-lock is held while the client thinks.
+conditional writes whose conditions PostgreSQL re-checks on the newest row version. Row locks
+live within one statement, except in init's short transaction (below), which holds one user's
+row for two more round trips; nothing is locked while Python computes.
 
 **The user row is the serialisation point for everything about one user.** Every statement or
 transaction that changes a user's challenges locks that user's ``users`` row first (init with
