@@ -1,4 +1,6 @@
-"""The OTP rules of PROTOCOL.md §6 and §7, through the service and the embedded store, on a fake clock.
+"""The OTP rules of PROTOCOL.md §6 and §7 through the service and the embedded store.
+
+All on a fake clock.
 
 Time-dependent rules (expiry, send limits, the growing lockout) are checked to the second
 without sleeping.

@@ -35,7 +35,10 @@ class ClientRateLimiter:
         )
         uri = url.replace("redis://", "async+redis://", 1)
         storage = RedisStorage(
-            uri, implementation="redispy", key_prefix=f"{prefix}:rate", connection_pool=pool
+            uri,
+            implementation="redispy",
+            key_prefix=f"{prefix}:rate",
+            connection_pool=pool,  # type: ignore[arg-type]  # limits types options too narrowly
         )
         return cls(storage)
 

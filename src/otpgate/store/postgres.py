@@ -92,12 +92,17 @@ from otpgate.core.models import (
     VerifyStatus,
 )
 from otpgate.store.audit import AuditRow, content_digest
+
+# Shared with the embedded store, so both stores answer and audit alike.
+from otpgate.store.common import (
+    audit_with_code,
+    client_from_row,
+    migrations,
+    verify_result_code,
+)
 from otpgate.store.errors import StoreConflict, StoreUnavailable
 from otpgate.store.records import ClaimedMessage, InboxMessage, OutboxEntry, UserRecord
 from otpgate.store.sealing import Sealer
-
-# Shared with the embedded store, so both stores answer and audit alike.
-from otpgate.store.sqlite import _client, _migrations, _replace_code, _verify_code
 
 _PAYLOAD_CONTEXT = b"otpgate-outbox"
 _INBOX_CONTEXT = b"otpgate-inbox"
@@ -474,7 +479,7 @@ class PostgresStore:
             current = int(
                 await conn.fetchval("SELECT COALESCE(max(version), 0) FROM schema_version")
             )
-            for version, script in _migrations("postgres"):
+            for version, script in migrations("postgres"):
                 if version > current:
                     await conn.execute(script, timeout=wait)
                     await conn.execute("INSERT INTO schema_version VALUES ($1)", version)
@@ -526,7 +531,7 @@ class PostgresStore:
             row = await conn.fetchrow(
                 f"SELECT {_CLIENT_COLUMNS} FROM clients c WHERE client_id = $1", client_id
             )
-        return None if row is None else _client(row, zip(row[7], row[8], strict=True))
+        return None if row is None else client_from_row(row, zip(row[7], row[8], strict=True))
 
     async def get_token(self, token_hash: bytes) -> AccessToken | None:
         async with self._connection() as conn:
@@ -626,10 +631,10 @@ class PostgresStore:
             )
             if user_id is None:
                 unknown = VerifyDecision(VerifyStatus.UNKNOWN)
-                await self._append_audit(conn, _replace_code(audit, _verify_code(unknown)))
+                await self._append_audit(conn, audit_with_code(audit, verify_result_code(unknown)))
                 return unknown
             events = {
-                status: _replace_code(audit, _verify_code(VerifyDecision(status)), user_id)
+                status: audit_with_code(audit, verify_result_code(VerifyDecision(status)), user_id)
                 for status in VerifyStatus
             }
             row = await conn.fetchrow(
@@ -812,7 +817,7 @@ class PostgresStore:
             rows = await conn.fetch(
                 f'SELECT {_CLIENT_COLUMNS} FROM clients c ORDER BY client_id COLLATE "C"'
             )
-        return [_client(row, zip(row[7], row[8], strict=True)) for row in rows]
+        return [client_from_row(row, zip(row[7], row[8], strict=True)) for row in rows]
 
     async def add_users(self, users: Iterable[User]) -> int:
         now = time.time()
@@ -936,7 +941,7 @@ def _init_events(audit: AuditEvent) -> dict[InitStatus, AuditEvent]:
             events[status] = audit
         else:
             code = "SUCCESS" if status is InitStatus.REPLAYED else status.name
-            events[status] = _replace_code(audit, code)
+            events[status] = audit_with_code(audit, code)
     return events
 
 

@@ -14,7 +14,6 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +33,18 @@ from otpgate.core.models import (
     VerifyStatus,
 )
 from otpgate.store.audit import GENESIS, AuditRow, row_hash
+from otpgate.store.common import (
+    INBOX_CONTEXT,
+    PAYLOAD_CONTEXT,
+    audit_with_code,
+    classify_unclaimed,
+    client_from_row,
+    migrations,
+    verify_result_code,
+)
 from otpgate.store.errors import StoreConflict
 from otpgate.store.records import ClaimedMessage, InboxMessage, OutboxEntry, UserRecord
 from otpgate.store.sealing import Sealer
-
-_PAYLOAD_CONTEXT = b"otpgate-outbox"
-_INBOX_CONTEXT = b"otpgate-inbox"
-
-
-def _migrations(kind: str) -> list[tuple[int, str]]:
-    folder = resources.files("otpgate.store") / "migrations" / kind
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
-    return sorted(found)
 
 
 class SqliteStore:
@@ -71,7 +67,7 @@ class SqliteStore:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = db.execute("SELECT max(version) FROM schema_version").fetchone()
             current = row[0] or 0
-            for version, script in _migrations("sqlite"):
+            for version, script in migrations("sqlite"):
                 if version > current:
                     for statement in script.split(";\n"):
                         if statement.strip():
@@ -142,7 +138,7 @@ class SqliteStore:
             " WHERE client_id = ? AND revoked_at IS NULL ORDER BY key_version",
             (client_id,),
         ).fetchall()
-        return _client(row, keys)
+        return client_from_row(row, keys)
 
     async def get_token(self, token_hash: bytes) -> AccessToken | None:
         row = self._db.execute(
@@ -181,7 +177,7 @@ class SqliteStore:
             decision = self._init_refusal(db, c, limits)
             if decision is not None:
                 code = "SUCCESS" if decision.status is InitStatus.REPLAYED else decision.status.name
-                self._audit(db, _replace_code(audit, code))
+                self._audit(db, audit_with_code(audit, code))
                 return decision
             db.execute(
                 "UPDATE challenges SET state = 'superseded', finished_at = ?"
@@ -205,7 +201,7 @@ class SqliteStore:
                     c.expires_at,
                 ),
             ).fetchone()
-            payload = self._sealer.seal(c.message_subject + "\n" + c.message_text, _PAYLOAD_CONTEXT)
+            payload = self._sealer.seal(c.message_subject + "\n" + c.message_text, PAYLOAD_CONTEXT)
             (outbox_id,) = db.execute(
                 "INSERT INTO outbox (challenge_id, client_id, user_id, channel, destination,"
                 " provider, payload, next_attempt_at, created_at, expires_at)"
@@ -290,7 +286,7 @@ class SqliteStore:
                 decision = self._classify_unclaimed(db, client_id, request_id, value_macs, now)
             else:
                 decision = self._charge_user(db, row, now, policy)
-            self._audit(db, _replace_code(audit, _verify_code(decision), decision.user_id))
+            self._audit(db, audit_with_code(audit, verify_result_code(decision), decision.user_id))
         return decision
 
     @staticmethod
@@ -362,7 +358,7 @@ class SqliteStore:
         return [self._claimed(row) for row in rows]
 
     def _claimed(self, row: Any) -> ClaimedMessage:
-        subject, _, text = self._sealer.open(row[6], _PAYLOAD_CONTEXT).partition("\n")
+        subject, _, text = self._sealer.open(row[6], PAYLOAD_CONTEXT).partition("\n")
         return ClaimedMessage(
             row[0], row[1], row[2], row[3], row[4], row[5], subject, text, row[7], row[8]
         )
@@ -388,7 +384,7 @@ class SqliteStore:
 
     async def deliver_to_inbox(self, message: ClaimedMessage, now: float) -> None:
         """The local provider: file the message and mark it sent in one transaction."""
-        sealed = self._sealer.seal(message.text, _INBOX_CONTEXT)
+        sealed = self._sealer.seal(message.text, INBOX_CONTEXT)
         with self._write() as db:
             db.execute(
                 "INSERT OR IGNORE INTO inbox (outbox_id, client_id, user_id, channel,"
@@ -417,9 +413,7 @@ class SqliteStore:
             args = (user_id,)
         rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [
-            InboxMessage(
-                r[0], r[1], r[2], r[3], r[4], self._sealer.open(r[5], _INBOX_CONTEXT), r[6]
-            )
+            InboxMessage(r[0], r[1], r[2], r[3], r[4], self._sealer.open(r[5], INBOX_CONTEXT), r[6])
             for r in rows
         ]
 
@@ -514,7 +508,7 @@ class SqliteStore:
                 " WHERE client_id = ? AND revoked_at IS NULL ORDER BY key_version",
                 (row[0],),
             ).fetchall()
-            result.append(_client(row, keys))
+            result.append(client_from_row(row, keys))
         return result
 
     async def add_users(self, users: Iterable[User]) -> int:
@@ -621,63 +615,3 @@ class SqliteStore:
     def _require(db: sqlite3.Connection, table: str, column: str, value: str, what: str) -> None:
         if db.execute(f"SELECT 1 FROM {table} WHERE {column} = ?", (value,)).fetchone() is None:
             raise StoreConflict(f"no {what} {value}")
-
-
-def _client(row: Any, keys: Iterable[Any]) -> Client:
-    return Client(
-        client_id=row[0],
-        enabled=bool(row[1]),
-        sandbox=bool(row[2]),
-        display_name=row[3],
-        channels=frozenset(filter(None, row[4].split(","))),
-        apis=frozenset(filter(None, row[5].split(","))),
-        rate_per_second=row[6],
-        keys=tuple(ClientKey(k[0], k[1]) for k in keys),
-    )
-
-
-def classify_unclaimed(
-    state: str,
-    expires_at: float,
-    code_mac: bytes,
-    locked_until: float,
-    value_macs: Sequence[bytes],
-    now: float,
-) -> VerifyStatus:
-    """Why a verify could not claim an attempt: shared by every store."""
-    if state == "passed":
-        return VerifyStatus.REPLAYED if code_mac in value_macs else VerifyStatus.USED
-    if state == "exhausted":
-        return VerifyStatus.EXHAUSTED
-    if state == "superseded":
-        return VerifyStatus.SUPERSEDED
-    if expires_at <= now:
-        return VerifyStatus.EXPIRED
-    if locked_until > now:
-        return VerifyStatus.LOCKED
-    return VerifyStatus.UNKNOWN
-
-
-_VERIFY_CODES = {
-    VerifyStatus.PASSED: "SUCCESS",
-    VerifyStatus.REPLAYED: "SUCCESS",
-    VerifyStatus.UNMATCHED: "VERIFY_UNMATCHED",
-    VerifyStatus.EXHAUSTED: "VERIFY_TIMES_EXCEED_LIMIT",
-    VerifyStatus.LOCKED: "USER_STATUS_ABNORMAL",
-}
-
-
-def _verify_code(decision: VerifyDecision) -> str:
-    return _VERIFY_CODES.get(decision.status, "AUTHENTICATION_REQUEST_ID_INVALID")
-
-
-def _replace_code(event: AuditEvent, code: str, user_id: str | None = None) -> AuditEvent:
-    return AuditEvent(
-        event.api,
-        event.client_id,
-        event.request_id,
-        user_id or event.user_id,
-        code,
-        event.detail,
-        event.at,
-    )
