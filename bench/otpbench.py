@@ -700,7 +700,7 @@ def closed_then_open(
 class Profiler:
     """py-spy on the worker during an extra (unmeasured) closed loop: flame graph + top list."""
 
-    def __init__(self, out_dir: Path, seconds: float, rate: int) -> None:
+    def __init__(self, out_dir: Path, seconds: int, rate: int, native: bool = False) -> None:
         found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(found).exists():
             raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
@@ -708,6 +708,7 @@ class Profiler:
         self.out_dir = out_dir
         self.seconds = seconds
         self.rate = rate
+        self.native = native
         self.outputs: dict[str, dict[str, str]] = {}
 
     def profile(
@@ -724,72 +725,87 @@ class Profiler:
         if world.workers != 1:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = self.out_dir / f"profile-{world.store}-{api}-1w"
-        seconds = self.seconds
-        count = math.ceil(bound_rps * (seconds + 3) * 1.05) + plan.concurrency
-        log(f"  {world.label} {api}: profiling with py-spy for {seconds:g}s ({count} requests)")
-        requests, items = prepare(count)
-        pid = server.worker_pids()[0]
-        common = ["record", "--pid", str(pid), "--duration", str(int(seconds)),
-                  "--rate", str(self.rate), "--nonblocking"]
-        spies = [
-            subprocess.Popen(
-                [self.py_spy, *common, "--format", fmt, "-o", str(stem) + suffix],
+        stem = f"profile-{world.store}-{api}-1w"
+        outputs: dict[str, str] = {}
+        cpu_per_request = 0.0
+        # Two recordings, one after the other: py-spy pauses the worker for each sample (exact
+        # stacks; --nonblocking tears them), and two tracers cannot share one process.
+        for fmt, suffix in (("raw", ".collapsed.txt"), ("flamegraph", ".svg")):
+            target = self.out_dir / (stem + suffix)
+            count = math.ceil(bound_rps * (self.seconds + 3) * 1.05) + plan.concurrency
+            if plan.requests_cap:
+                count = min(count, plan.requests_cap)
+            log(f"  {world.label} {api}: py-spy {fmt} for {self.seconds:g}s -> {target}")
+            requests, items = prepare(count)
+            pid = server.worker_pids()[0]
+            spy = subprocess.Popen(
+                [self.py_spy, "record", "--pid", str(pid), "--duration", str(self.seconds),
+                 "--rate", str(self.rate), "--format", fmt, "-o", str(target),
+                 *(["--native"] if self.native else [])],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
-            for fmt, suffix in (("flamegraph", ".svg"), ("raw", ".collapsed.txt"))
-        ]
-        result = run_loadgen(
-            world,
-            server,
-            requests,
-            mode="closed",
-            expect=expect,
-            concurrency=plan.concurrency,
-            duration=seconds + 1,
-            warmup=0.5,
-        )
-        settle(items, result)
-        for spy in spies:
+            result = run_loadgen(
+                world,
+                server,
+                requests,
+                mode="closed",
+                expect=expect,
+                concurrency=plan.concurrency,
+                duration=self.seconds + 1,
+                warmup=0.5,
+            )
+            settle(items, result)
+            if fmt == "raw" and result["window_requests"]:
+                cpu = result["server_cpu_end"] - result["server_cpu_start"]
+                cpu_per_request = cpu / result["window_requests"]
             _, err = spy.communicate(timeout=120)
-            if spy.returncode != 0:
+            if spy.returncode != 0 or not target.exists():
                 raise BenchError(f"py-spy failed: {err.decode(errors='replace').strip()}")
-        if api == "init":
-            server.drain()
-        collapsed = Path(str(stem) + ".collapsed.txt")
-        report = top_list(collapsed.read_text(), api)
-        text_file = Path(str(stem) + ".top.txt")
-        text_file.write_text(report)
-        self.outputs[api] = {
-            "flamegraph": str(Path(str(stem) + ".svg")),
-            "collapsed": str(collapsed),
-            "top": str(text_file),
-        }
-        log(f"  {world.label} {api}: flame graph {stem}.svg, top list {text_file}")
+            if api == "init":
+                server.drain()
+            outputs["flamegraph" if fmt == "flamegraph" else "collapsed"] = str(target)
+        collapsed = Path(outputs["collapsed"])
+        text_file = self.out_dir / (stem + ".top.txt")
+        text_file.write_text(top_list(collapsed.read_text(), api, cpu_per_request))
+        outputs["top"] = str(text_file)
+        self.outputs[api] = outputs
+        log(f"  {world.label} {api}: top list {text_file}")
 
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
-# Where the leaf (self) time of a sample goes, first match wins: (category, file, function).
+# What a sample is spent on: the frame nearest the leaf that matches decides; within one
+# frame the first matching row wins. (category, file part, function or "" for any).
 _CATEGORIES: list[tuple[str, str, str]] = [
-    ("RSA sign (response)", "otpgate/protocol/signing.py", "sign"),
+    ("RSA sign (response)", "otpgate/protocol/signing.py", "Signer.sign"),
     ("RSA verify (request)", "otpgate/protocol/signing.py", "verify_signature"),
-    ("SQLite statements", "otpgate/store/sqlite.py", ""),
+    ("signature header/base64/quote", "otpgate/protocol/signing.py", ""),
+    ("signature header/base64/quote", "otpgate/protocol/headers.py", ""),
+    ("Request-Time parse, response-time format", "otpgate/protocol/timeparse.py", ""),
+    ("body decode/encode (msgspec)", "otpgate/protocol/messages.py", ""),
+    ("SQLite store", "otpgate/store/sqlite.py", ""),
+    ("PostgreSQL store", "otpgate/store/postgres.py", ""),
     ("audit hash chain", "otpgate/store/audit.py", ""),
-    ("OTP/HMAC/token hashing", "otpgate/core/otp.py", ""),
     ("AES-GCM sealing", "otpgate/store/sealing.py", ""),
+    ("OTP code, HMAC, token hash", "otpgate/core/otp.py", ""),
+    ("message template", "otpgate/delivery/templates.py", ""),
     ("delivery worker", "otpgate/delivery/", ""),
-    ("signature encode/decode, headers", "otpgate/protocol/", ""),
-    ("otpgate server/service code", "otpgate/", ""),
+    ("access log (logging)", "otpgate/server/logs.py", ""),
+    ("metrics (prometheus_client)", "otpgate/server/observe.py", ""),
+    ("client rate limiter (limits)", "otpgate/server/ratelimit.py", ""),
+    ("client directory", "otpgate/server/directory.py", ""),
+    ("service rules", "otpgate/core/", ""),
+    ("API pipeline (server/api.py)", "otpgate/server/api.py", ""),
+    ("app routing", "otpgate/server/app.py", ""),
     ("metrics (prometheus_client)", "prometheus_client/", ""),
     ("client rate limiter (limits)", "limits/", ""),
+    ("access log (logging)", "logging/", ""),
     ("HTTP (uvicorn/httptools)", "uvicorn/", ""),
-    ("HTTP (uvicorn/httptools)", "httptools/", ""),
-    ("starlette", "starlette/", ""),
-    ("logging", "logging/", ""),
-    ("asyncio/uvloop", "asyncio/", ""),
-    ("asyncio/uvloop", "uvloop/", ""),
+    ("HTTP (uvicorn/httptools)", "httptools", ""),
+    ("event loop (asyncio/uvloop)", "asyncio/", ""),
+    ("event loop (asyncio/uvloop)", "uvloop", ""),
+    ("SQLite store", "sqlite", ""),
 ]
 
 
@@ -815,41 +831,52 @@ def _parse_collapsed(text: str) -> list[tuple[list[tuple[str, str]], int]]:
     return stacks
 
 
-def _category(func: str, file: str) -> str:
-    for name, path_part, function in _CATEGORIES:
-        if path_part in file and (not function or func == function):
-            return name
+def _category(frames: list[tuple[str, str]]) -> str:
+    for func, file in reversed(frames):
+        for name, path_part, function in _CATEGORIES:
+            if path_part in file and (not function or func == function):
+                return name
     return "other (interpreter, stdlib)"
 
 
-def top_list(collapsed: str, api: str, top: int = 20) -> str:
+def top_list(collapsed: str, api: str, cpu_per_request: float = 0.0, top: int = 20) -> str:
+    """A text report of a py-spy raw (collapsed) profile: categories, self and total time."""
     stacks = _parse_collapsed(collapsed)
-    total = sum(count for _, count in stacks) or 1
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     categories: dict[str, int] = {}
+    total = 0
     for frames, count in stacks:
         # py-spy's first frames are process/thread labels; real frames carry a file.
         frames = [f for f in frames if f[1]]
         if not frames:
             continue
+        total += count
         leaf = frames[-1]
         own_key = f"{leaf[0]} ({leaf[1]})"
         own[own_key] = own.get(own_key, 0) + count
         for key in {f"{f} ({p})" for f, p in frames}:
             inclusive[key] = inclusive.get(key, 0) + count
-        cat = _category(*leaf)
+        cat = _category(frames)
         categories[cat] = categories.get(cat, 0) + count
-    lines = [f"py-spy profile of one worker under closed-loop {api} load: {total} samples", ""]
-    lines.append("Self time by category (leaf frame):")
-    for name, count in sorted(categories.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {100 * count / total:5.1f}%  {name}")
+    total = total or 1
+
+    def row(count: int, what: str) -> str:
+        ms = f"{count / total * cpu_per_request * 1e3:7.3f} ms" if cpu_per_request else ""
+        return f"  {100 * count / total:5.1f}% {ms}  {what}"
+
+    lines = [f"py-spy profile of one worker under closed-loop {api} load: {total} samples"]
+    if cpu_per_request:
+        lines.append(
+            f"server CPU per request in this run: {cpu_per_request * 1e3:.3f} ms"
+            " (ms columns = share x that)"
+        )
+    lines += ["", "By category (the frame nearest the leaf that names one):"]
+    lines += [row(c, n) for n, c in sorted(categories.items(), key=lambda kv: -kv[1])]
     lines += ["", f"Top {top} functions by self time:"]
-    for key, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"  {100 * count / total:5.1f}%  {key}")
+    lines += [row(c, k) for k, c in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
     lines += ["", f"Top {top} functions by total (inclusive) time:"]
-    for key, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"  {100 * count / total:5.1f}%  {key}")
+    lines += [row(c, k) for k, c in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]]
     return "\n".join(lines) + "\n"
 
 
@@ -1098,6 +1125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-seconds", type=float, default=None,
                         help="py-spy recording seconds (default: --duration)")
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+    parser.add_argument("--profile-native", action="store_true",
+                        help="py-spy --native: C frames too (OpenSSL, SQLite, uvloop)")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR),
                         help="where profiles go (default bench/results, git-ignored)")
     parser.add_argument("--keep", action="store_true", help="keep the data dirs")
@@ -1124,7 +1153,10 @@ def main(argv: list[str] | None = None) -> int:
         profiler = None
         if args.profile:
             profiler = Profiler(
-                Path(args.results_dir), args.profile_seconds or args.duration, args.profile_rate
+                Path(args.results_dir),
+                max(1, round(args.profile_seconds or args.duration)),
+                args.profile_rate,
+                args.profile_native,
             )
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
