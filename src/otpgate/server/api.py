@@ -37,6 +37,8 @@ from otpgate.server.observe import RequestRecorder
 
 log = logging.getLogger("otpgate.api")
 
+MAX_CLIENT_ID_LENGTH = 64
+
 _API_PATHS: dict[str, tuple[str, bool]] = {}
 for _api in (INIT, VERIFY):
     _API_PATHS[f"/ams/api/v1/users/{_api}"] = (_api, False)
@@ -132,6 +134,10 @@ class SignedApi:
             raise _Reject(ResultCode.API_INVALID, "unknown API path")
         if not client_id:
             raise _Reject(ResultCode.CLIENT_INVALID, "Client-Id header is missing")
+        if len(client_id) > MAX_CLIENT_ID_LENGTH:
+            # Registered ids are at most 64 characters; refusing longer ones before the lookup
+            # keeps strangers from filling the client cache with huge keys.
+            raise _Reject(ResultCode.CLIENT_INVALID, "Client-Id is longer than 64 characters")
         resolved = await self._directory.get(client_id)
         if resolved is None or not resolved.client.enabled:
             raise _Reject(ResultCode.CLIENT_INVALID, "unknown or disabled client")
