@@ -80,7 +80,6 @@ VERIFY_FIELDS: FieldRules = {
 FIELDS: dict[str, FieldRules] = {INIT: INIT_FIELDS, VERIFY: VERIFY_FIELDS}
 
 
-
 def fuzz(examples: int) -> settings:
     """Settings for a test that talks to the server: no deadline, network-speed examples."""
     return settings(
@@ -119,6 +118,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         token = issue_token(data_dir, CLIENT_ID, "alice")
         yield Target(server, merchant, token, http)
         assert server.process.poll() is None, f"server died during the run:\n{server.log()}"
+        assert "Traceback" not in server.log(), server.log()
 
 
 # -- one exchange, fully checked ----------------------------------------------------------
@@ -176,7 +176,9 @@ def exchange(
     # Ours is the first Client-Id header, the one that counts; HTTP strips surrounding blanks.
     reply = check_answer(target, response, sent_path, client_id.strip(b" \t"))
     assert elapsed < MAX_SECONDS, f"answer took {elapsed:.2f}s: {reply}"
-    if method == "POST" and api_of(sent_path) == VERIFY and reply.status != "U":
+    # Limits are off and the store is healthy: a U answer here can only be an internal fault.
+    assert reply.code not in {"UNKNOWN_EXCEPTION", "REQUEST_TRAFFIC_EXCEED_LIMIT"}, reply
+    if api_of(sent_path) == VERIFY:
         assert reply.body.get("isPassed") is (reply.code == "SUCCESS"), reply.body
     return reply
 
@@ -186,9 +188,12 @@ def check_answer(
 ) -> Reply:
     """HTTP 200, lower-case signed headers, a verifying signature, a catalogue code."""
     assert response.status_code == 200, (response.status_code, response.content[:300])
-    headers = {name: value for name, value in reversed(response.headers.raw)}  # first wins
-    assert b"signature" in headers, f"unsigned answer: {response.content[:300]!r}"
-    assert b"response-time" in headers and b"client-id" in headers, headers.keys()
+    names = [name for name, _ in response.headers.raw]
+    assert b"signature" in names, f"unsigned answer: {response.content[:300]!r}"
+    # Lower-case names, each once; no other header mentions them (PHP scans by substring).
+    for name in (b"signature", b"response-time", b"client-id"):
+        assert [n for n in names if name in n.lower()] == [name], names
+    headers = dict(response.headers.raw)
     echoed = headers[b"client-id"].decode("latin-1")
     assert echoed == client_id.decode("latin-1")
     content = content_to_sign(
@@ -254,8 +259,10 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=6)
-    | st.dictionaries(field_names | st.text(max_size=12), children, max_size=6),
+    lambda children: (
+        st.lists(children, max_size=6)
+        | st.dictionaries(field_names | st.text(max_size=12), children, max_size=6)
+    ),
     max_leaves=30,
 )
 
@@ -317,8 +324,8 @@ unicode_edge_text = st.lists(
 
 # Header values HTTP/1.1 can carry: visible ASCII, obs-text, inner blanks.
 HEADER_VALUE_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
-header_bytes = st.binary(max_size=200).map(
-    lambda raw: bytes(b for b in raw if b in HEADER_VALUE_BYTES).strip(b" \t")
+header_bytes = st.lists(st.sampled_from(HEADER_VALUE_BYTES), max_size=200).map(
+    lambda raw: bytes(raw).strip(b" \t")
 )
 long_header_bytes = st.builds(
     lambda unit, size: (unit * size)[:size],
@@ -330,6 +337,12 @@ header_names = st.text(
     min_size=1,
     max_size=40,
 ).map(str.encode)
+
+# Headers the SDKs send, some of them twice or empty (PROTOCOL.md §3), in odd spellings.
+SDK_HEADER_NAMES = [
+    *(b"Client-Id", b"client-id", b"SIGNATURE", b"Request-Time", b"Content-Type"),
+    *(b"Agent-Token", b"Key-Version", b"Sdk-Version"),
+]
 
 Expect = Literal["illegal", "legal", "any"]
 
@@ -459,14 +472,13 @@ absurd_times = st.one_of(
     st.datetimes().map(lambda d: d.isoformat().encode() + b"Z"),
 )
 
+PATH_SEGMENTS = [
+    *("ams", "api", "v1", "users", "sandbox", "", ".", "..", "%2e%2e", "%2F"),
+    *("%ff", "%zz", "%E2%80%AE", "\u202e", "\U0001f600", "a" * 300),
+    *(INIT, VERIFY, INIT.lower(), VERIFY.upper(), f"{INIT}%00", f"{INIT}%20"),
+]
 path_segments = st.one_of(
-    st.sampled_from(
-        [
-            "ams", "api", "v1", "users", "sandbox", INIT, VERIFY, "", ".", "..", "%2e%2e",
-            "initauthentication", "VERIFYAUTHENTICATION", f"{INIT}%00", f"{INIT}%20", "%2F",
-            "%ff", "%zz", "%E2%80%AE", "\u202e", "\U0001f600", "a" * 300,
-        ]
-    ),
+    st.sampled_from(PATH_SEGMENTS),
     st.text(
         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:@%",
         max_size=20,
@@ -521,9 +533,7 @@ def test_every_field_at_and_over_its_length_limit(target: Target, api: str, fiel
     api=apis,
     key=field_names,
     repeats=st.lists(
-        st.text(max_size=70).map(lambda t: json.dumps(t).encode())
-        | wrong_types
-        | illegal_strings,
+        st.text(max_size=70).map(lambda t: json.dumps(t).encode()) | wrong_types | illegal_strings,
         min_size=1,
         max_size=4,
     ),
@@ -710,11 +720,7 @@ def test_every_sdk_request_time_dialect_near_now_passes(
     api=apis,
     extra=st.lists(
         st.tuples(
-            header_names
-            | st.sampled_from(
-                [b"Client-Id", b"client-id", b"SIGNATURE", b"Request-Time", b"Content-Type",
-                 b"Agent-Token", b"Key-Version", b"Sdk-Version"]
-            ),
+            header_names | st.sampled_from(SDK_HEADER_NAMES),
             header_bytes,
         ),
         max_size=8,
@@ -788,24 +794,27 @@ def server_rss(server: Server) -> int:
     return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
 
 
+HUGE_BODIES = [b"[" * 60_000, b"[" * 100_000, b"x" * (MAX_BODY_BYTES + 1)]
+
+
 def any_request(target: Target) -> st.SearchStrategy[Callable[[], Reply]]:
     """One fuzz request of any of the kinds above, ready to send."""
 
-    def post(api: str, body: bytes) -> Callable[[], Reply]:
-        return lambda: exchange(target, body, path=api_path(api))
+    def send(api: str, body: bytes, **headers: Any) -> Callable[[], Reply]:
+        return lambda: exchange(target, body, path=api_path(api), **headers)
 
-    def with_headers(**headers: bytes) -> Callable[[], Reply]:
-        return lambda: exchange(target, encoded(base_body(target, INIT)), **headers)  # type: ignore[arg-type]
+    def valid() -> bytes:
+        return encoded(base_body(target, INIT))
 
     return st.one_of(
-        mutated_bodies(target).map(lambda drawn: post(drawn[0], drawn[1])),
-        st.tuples(apis, json_values).map(lambda av: post(av[0], json.dumps(av[1]).encode())),
-        st.tuples(apis, st.sampled_from([b"[" * 60_000, b"[" * 100_000, b"x" * 70_000])).map(
-            lambda ab: post(*ab)
+        mutated_bodies(target).map(lambda drawn: send(drawn[0], drawn[1])),
+        st.tuples(apis, json_values).map(
+            lambda drawn: send(drawn[0], json.dumps(drawn[1]).encode())
         ),
-        signature_garbage().map(lambda value: with_headers(signature=value)),
-        absurd_times.map(lambda value: with_headers(request_time=value)),
-        (header_bytes | long_header_bytes).map(lambda value: with_headers(client_id=value)),
+        st.tuples(apis, st.sampled_from(HUGE_BODIES)).map(lambda drawn: send(*drawn)),
+        signature_garbage().map(lambda value: send(INIT, valid(), signature=value)),
+        absurd_times.map(lambda value: send(INIT, valid(), request_time=value)),
+        (header_bytes | long_header_bytes).map(lambda value: send(INIT, valid(), client_id=value)),
     )
 
 
@@ -835,12 +844,9 @@ def test_memory_stays_flat(target: Target) -> None:
     assert_flat(before, server_rss(target.server))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: ClientDirectory caches every unknown Client-Id, of any length, for up "
-    "to 10,000 entries; strangers sending long distinct ids grow the server's memory",
-)
 def test_memory_stays_flat_under_long_unknown_client_ids(target: Target) -> None:
+    """Strangers' ids must not pile up in the per-process client cache, whatever their size."""
+
     def stranger() -> bytes:
         return os.urandom(8).hex().encode() + b"S" * 32_000
 
