@@ -56,8 +56,14 @@ def tree_cpu_seconds(root: psutil.Process) -> float:
 def percentiles(samples: list[float]) -> dict[str, float]:
     """Nearest-rank percentiles in milliseconds."""
     if not samples:
-        return {"p50_ms": 0.0, "p90_ms": 0.0, "p99_ms": 0.0, "p999_ms": 0.0, "max_ms": 0.0,
-                "mean_ms": 0.0}
+        return {
+            "p50_ms": 0.0,
+            "p90_ms": 0.0,
+            "p99_ms": 0.0,
+            "p999_ms": 0.0,
+            "max_ms": 0.0,
+            "mean_ms": 0.0,
+        }
     ordered = sorted(samples)
     count = len(ordered)
 
@@ -132,6 +138,7 @@ class Generator:
         self.expect = spec["expect"].encode()
         self.mode: str = spec["mode"]
         self.server = psutil.Process(spec["server_pid"]) if spec.get("server_pid") else None
+        self.backend_patterns: list[str] = list(spec.get("backend_patterns") or [])
         self.next_index = 0
         self.limit = len(self.requests)
         self.in_flight = 0
@@ -142,6 +149,7 @@ class Generator:
         self.start_window: Any = None
         self.accepting = True
         self.latencies: list[float] = []
+        self.starts: list[float] = []  # when each measured request was sent (or scheduled)
         self.window_ok = 0
         self.window_errors = 0
         self.tail = 0
@@ -166,11 +174,26 @@ class Generator:
         self.marks[name + "_gen_cpu"] = time.process_time()
         machine = psutil.cpu_times()
         self.marks[name + "_machine_busy"] = (
-            sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
-            - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)
+            sum(machine)
+            - machine.idle
+            - getattr(machine, "iowait", 0.0)
+            - getattr(machine, "guest", 0.0)
+            - getattr(machine, "guest_nice", 0.0)
             - getattr(machine, "steal", 0.0)
         )
         self.marks[name + "_machine_steal"] = getattr(machine, "steal", 0.0)
+        if self.backend_patterns:
+            self.marks[name + "_backend_cpu"] = self.backend_cpu()
+
+    def backend_cpu(self) -> float:
+        """CPU of the external services this server uses (its PostgreSQL backends, Redis)."""
+        total = 0.0
+        for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            times = proc.info["cpu_times"]
+            if times is not None and any(p in cmdline for p in self.backend_patterns):
+                total += times.user + times.system
+        return total
 
     def done(self, conn: Connection, ok: bool, body: bytes) -> None:
         now = perf()
@@ -187,6 +210,7 @@ class Generator:
                 self.samples.append(body[:300].decode("utf-8", "replace"))
         if self.measuring:
             self.latencies.append(now - conn.started)
+            self.starts.append(conn.started)
             if ok:
                 self.window_ok += 1
             else:
@@ -231,10 +255,11 @@ class Generator:
 
     def check_finished(self) -> None:
         if self.in_flight == 0 and self.finished is not None and not self.finished.done():
-            exhausted = self.next_index >= self.limit or not self.accepting
-            if self.mode != "open" and exhausted:
-                self.finished.set_result(None)
-            elif self.mode == "open" and self.next_index >= self.limit and not self.backlog:
+            if self.mode == "open":
+                done = self.next_index >= self.limit and not self.backlog
+            else:
+                done = self.next_index >= self.limit or not self.accepting
+            if done:
                 self.finished.set_result(None)
 
     # -- phases --------------------------------------------------------------------------
@@ -374,6 +399,8 @@ class Generator:
             "server_sys_s": marks.get("end_server_sys", 0.0) - marks.get("start_server_sys", 0.0),
             "loadgen_cpu_s": marks.get("end_gen_cpu", 0.0) - marks.get("start_gen_cpu", 0.0),
             "scheduled_s": marks.get("scheduled_s", 0.0),
+            "backend_cpu_s": marks.get("end_backend_cpu", 0.0)
+            - marks.get("start_backend_cpu", 0.0),
             # Every process on the machine, this one and the server included.
             "machine_busy_cpu_s": marks.get("end_machine_busy", 0.0)
             - marks.get("start_machine_busy", 0.0),
@@ -395,6 +422,15 @@ def main(argv: list[str]) -> int:
     generator = Generator(spec)
     result = asyncio.run(generator.main())
     Path(spec["out_file"]).write_text(json.dumps(result))
+    if spec.get("timeline_file"):
+        # (seconds since the window opened, latency ms) per measured request: for finding
+        # out *when* a tail happened (bench/run --keep leaves it in the data dir).
+        t0 = generator.marks.get("start_wall", 0.0)
+        timeline = [
+            (round(s - t0, 4), round(lat * 1000, 3))
+            for s, lat in zip(generator.starts, generator.latencies, strict=True)
+        ]
+        Path(spec["timeline_file"]).write_text(json.dumps(timeline))
     return 0
 
 

@@ -46,9 +46,9 @@ from typing import Any
 import psutil
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
-
 from loadgen import tree_cpu_seconds
 from prepare import INIT_PATH, VERIFY_PATH, Item, SigningPool
+
 from otpgate.protocol import content_to_sign, generate_private_key, private_key_pem, public_key_pem
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -198,6 +198,12 @@ class World:
     ready: deque[tuple[str, str]] = field(default_factory=deque)  # (request id, code)
     unsent_verifies: deque[VerifyItem] = field(default_factory=deque)
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    runs: int = 0
+    backend_patterns: list[str] = field(default_factory=list)
+
+    def next_run(self) -> int:
+        self.runs += 1
+        return self.runs
 
     @property
     def label(self) -> str:
@@ -370,10 +376,12 @@ class ServerProcess:
         while time.time() < deadline:
             if self.process.poll() is not None:
                 raise BenchError(f"otpgate serve exited early:\n{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as answer:
-                    if answer.status == 200 and self._all_workers_up():
-                        return
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.url + "/readyz", timeout=2) as answer,
+            ):
+                if answer.status == 200 and self._all_workers_up():
+                    return
             time.sleep(0.1)
         raise BenchError(f"otpgate serve not ready in {timeout:.0f}s:\n{self.log_tail()}")
 
@@ -453,6 +461,7 @@ def run_loadgen(
         "port": world.port,
         "requests_file": str(requests_file),
         "out_file": str(work / "result.json"),
+        "timeline_file": str(work / f"timeline-{world.next_run()}-{mode}.json"),
         "expect": expect,
         "concurrency": concurrency,
         "duration": duration,
@@ -460,6 +469,7 @@ def run_loadgen(
         "warmup_max_requests": warmup_max_requests,
         "rate": rate,
         "server_pid": server.process.pid,
+        "backend_patterns": world.backend_patterns,
     }
     spec_file = work / "spec.json"
     spec_file.write_text(json.dumps(spec))
@@ -494,6 +504,48 @@ class Plan:
     requests_cap: int
     cores: int
     floor_cpu: float
+    quiet_wait: float = 0.0
+    quiet_cores: float = 0.3
+
+
+def machine_busy_seconds() -> float:
+    t = psutil.cpu_times()
+    return (
+        sum(t)
+        - t.idle
+        - getattr(t, "iowait", 0.0)
+        - getattr(t, "guest", 0.0)
+        - getattr(t, "guest_nice", 0.0)
+        - getattr(t, "steal", 0.0)
+    )
+
+
+def wait_for_quiet(server: ServerProcess, plan: Plan, label: str) -> None:
+    """On a shared machine, wait (up to ``plan.quiet_wait`` s) until other jobs go quiet.
+
+    "Other" is every CPU second on the machine that is neither the server's nor this
+    benchmark's own (its signing pool included), sampled over one-second intervals.
+    """
+    if plan.quiet_wait <= 0:
+        return
+    me = psutil.Process()
+    deadline = time.time() + plan.quiet_wait
+    waited = False
+    while True:
+        before = (machine_busy_seconds(), server.cpu_seconds(), tree_cpu_seconds(me))
+        time.sleep(1.0)
+        after = (machine_busy_seconds(), server.cpu_seconds(), tree_cpu_seconds(me))
+        other = (after[0] - before[0]) - (after[1] - before[1]) - (after[2] - before[2])
+        if other <= plan.quiet_cores:
+            if waited:
+                log(f"  {label}: background load down to {other:.2f} cores; going on")
+            return
+        if time.time() > deadline:
+            log(f"  {label}: WARNING background load still {other:.2f} cores; measuring anyway")
+            return
+        if not waited:
+            log(f"  {label}: other jobs use {other:.2f} cores; waiting for quiet")
+            waited = True
 
 
 def prepared_count(plan: Plan, bound_rps: float) -> int:
@@ -567,7 +619,8 @@ def summarise(
             0.0,
             closed["machine_busy_cpu_s"]
             - (closed["server_cpu_end"] - closed["server_cpu_start"])
-            - closed["loadgen_cpu_s"],
+            - closed["loadgen_cpu_s"]
+            - closed.get("backend_cpu_s", 0.0),
         )
         / window
         if window
@@ -575,6 +628,12 @@ def summarise(
         "steal_cores": closed["machine_steal_cpu_s"] / window if window else 0.0,
         "latency_ms": {k: closed[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")},
     }
+    if closed.get("backend_cpu_s"):
+        backend = closed["backend_cpu_s"] / measured if measured else 0.0
+        entry["backend_cpu_per_request_s"] = backend
+        entry["overhead_ratio_with_backends"] = (
+            (cpu_per_request + backend) / floor_cpu if floor_cpu else 0.0
+        )
     if open_loop is not None:
         done = open_loop["window_requests"]
         entry["open_loop"] = {
@@ -618,6 +677,7 @@ def closed_then_open(
     count = prepared_count(plan, bound_rps)
     log(f"  {label} {api}: preparing {count} signed requests for the closed loop")
     requests, items = prepare(count)
+    wait_for_quiet(server, plan, label)
     log(f"  {label} {api}: closed loop, {plan.concurrency} connections, {plan.duration:g}s")
     closed = run_loadgen(
         world,
@@ -632,7 +692,7 @@ def closed_then_open(
     )
     settle(items, closed)
     requests_for_cpu = closed["window_requests"]
-    server_cpu = closed["server_cpu_end"] - closed["server_cpu_start"]
+    window_cpu = server_cpu = closed["server_cpu_end"] - closed["server_cpu_start"]
     if api == "init":
         # Delivery of the codes is part of what an init costs: count until the outbox is empty.
         server.drain()
@@ -643,7 +703,7 @@ def closed_then_open(
     log(
         f"  {label} {api}: {closed['requests_per_s']:.0f} req/s, p99 {closed['p99_ms']:.1f} ms,"
         f" server CPU {server_cpu / max(1, requests_for_cpu) * 1e3:.3f} ms/req"
-        f" ({closed['server_sys_s'] / max(1e-9, closed['server_cpu_end'] - closed['server_cpu_start']):.0%} kernel)"
+        f" ({closed['server_sys_s'] / max(1e-9, window_cpu):.0%} kernel)"
     )
 
     open_loop = None
@@ -655,6 +715,7 @@ def closed_then_open(
             count = min(count, plan.requests_cap)
         log(f"  {label} {api}: preparing {count} requests for the open loop at {rate:.0f}/s")
         requests, items = prepare(count)
+        wait_for_quiet(server, plan, label)
         open_loop = run_loadgen(
             world,
             server,
@@ -739,9 +800,21 @@ class Profiler:
             requests, items = prepare(count)
             pid = server.worker_pids()[0]
             spy = subprocess.Popen(
-                [self.py_spy, "record", "--pid", str(pid), "--duration", str(self.seconds),
-                 "--rate", str(self.rate), "--format", fmt, "-o", str(target),
-                 *(["--native"] if self.native else [])],
+                [
+                    self.py_spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(self.seconds),
+                    "--rate",
+                    str(self.rate),
+                    "--format",
+                    fmt,
+                    "-o",
+                    str(target),
+                    *(["--native"] if self.native else []),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
@@ -875,8 +948,13 @@ def top_list(collapsed: str, api: str, cpu_per_request: float = 0.0, top: int = 
     lines += [row(c, n) for n, c in sorted(categories.items(), key=lambda kv: -kv[1])]
     lines += ["", f"Top {top} functions by self time:"]
     lines += [row(c, k) for k, c in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
-    lines += ["", f"Top {top} functions by total (inclusive) time:"]
-    lines += [row(c, k) for k, c in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]]
+    lines += [
+        "",
+        f"Top {top} functions by total (inclusive) time, without the trunk every request"
+        " runs through (frames in >= 90% of samples):",
+    ]
+    branches = {k: c for k, c in inclusive.items() if c < 0.9 * total}
+    lines += [row(c, k) for k, c in sorted(branches.items(), key=lambda kv: -kv[1])[:top]]
     return "\n".join(lines) + "\n"
 
 
@@ -960,10 +1038,10 @@ def bound_for(
     """An upper bound on peak req/s, to size the prepared requests (never the measurement)."""
     bound = min(workers, plan.cores) / plan.floor_cpu
     for entry in results:
-        if entry["api"] == api and entry["store"] == store and entry["workers"] < workers:
-            if not entry["truncated"]:
-                scaled = entry["requests_per_s"] * workers / entry["workers"] * 1.25
-                bound = min(bound, scaled)
+        same = entry["api"] == api and entry["store"] == store
+        if same and entry["workers"] < workers and not entry["truncated"]:
+            scaled = entry["requests_per_s"] * workers / entry["workers"] * 1.25
+            bound = min(bound, scaled)
     return bound
 
 
@@ -982,6 +1060,9 @@ def run_config(
     port = free_port()
     world = World(store, workers, work_root / f"{store}-{workers}w", f"127.0.0.1:{port}", port)
     world.pool = pool
+    if setup.database:
+        # This server's PostgreSQL backends (their title names the database) and Redis.
+        world.backend_patterns = [f" {setup.database} ", "redis-server"]
     server: ServerProcess | None = None
     try:
         log(f"{world.label}: setting up {world.data_dir}")
@@ -1038,6 +1119,13 @@ def render_table(report: dict[str, Any]) -> str:
         " ratio = cpu/req / floor; srv, gen, other = cores busy at peak (server, load"
         " generator, everything else on the machine)",
     ]
+    for r in report["results"]:
+        if "backend_cpu_per_request_s" in r:
+            lines.append(
+                f"{r['api']} {r['store']} {r['workers']}w: PostgreSQL backends + Redis add"
+                f" {r['backend_cpu_per_request_s'] * 1e3:.3f} ms CPU/request (ratio with them"
+                f" {r['overhead_ratio_with_backends']:.2f})"
+            )
     if report.get("scaling"):
         lines.append(
             "scaling 2 vs 1 worker: "
@@ -1076,8 +1164,11 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     for key, ratio in report.get("scaling", {}).items():
         if key.endswith("sqlite"):
             targets.append(
-                {"what": f"{key} 2 workers >= 1.6x 1 worker", "value": round(ratio, 2),
-                 "met": ratio >= 1.6}
+                {
+                    "what": f"{key} 2 workers >= 1.6x 1 worker",
+                    "value": round(ratio, 2),
+                    "met": ratio >= 1.6,
+                }
             )
     return targets
 
@@ -1088,9 +1179,9 @@ def scaling(results: list[dict[str, Any]]) -> dict[str, float]:
         if r["workers"] != 2:
             continue
         for base in results:
-            if (base["api"], base["store"], base["workers"]) == (r["api"], r["store"], 1):
-                if base["requests_per_s"] > 0:
-                    out[f"{r['api']} {r['store']}"] = r["requests_per_s"] / base["requests_per_s"]
+            same = (base["api"], base["store"], base["workers"]) == (r["api"], r["store"], 1)
+            if same and base["requests_per_s"] > 0:
+                out[f"{r['api']} {r['store']}"] = r["requests_per_s"] / base["requests_per_s"]
     return out
 
 
@@ -1099,36 +1190,87 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="bench/run",
         description="Benchmark otpgate: RSA floor, then init/verify load on 1 and 2 workers.",
     )
-    parser.add_argument("--duration", type=float, default=10.0,
-                        help="measured seconds per scenario and phase (default 10)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        help="measured seconds per scenario and phase (default 10)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--store", choices=["sqlite", "postgres", "both"], default="sqlite",
-                        help="sqlite: embedded default (default); postgres: PostgreSQL + Redis"
-                             f" ({PG_ADMIN_URL}, fresh database per server); both")
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "postgres", "both"],
+        default="sqlite",
+        help="sqlite: embedded default (default); postgres: PostgreSQL + Redis"
+        f" ({PG_ADMIN_URL}, fresh database per server); both",
+    )
     parser.add_argument("--workers", default="1,2", help="worker counts (default 1,2)")
     parser.add_argument("--apis", default="init,verify", help="APIs (default init,verify)")
-    parser.add_argument("--concurrency", type=int, default=0,
-                        help="closed-loop connections (default 16 per worker)")
-    parser.add_argument("--open-connections", type=int, default=64,
-                        help="connection pool of the open loop (default 64)")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="warm-up seconds before each closed loop (default min(2, duration/5))")
-    parser.add_argument("--load-fraction", type=float, default=0.7,
-                        help="open-loop rate as a fraction of the measured peak (default 0.7)")
-    parser.add_argument("--requests-prep", type=int, default=0, metavar="N",
-                        help="at most N prepared requests per phase (tiny runs; default: enough"
-                             " for the duration)")
-    parser.add_argument("--floor-seconds", type=float, default=None,
-                        help="CPU seconds for each RSA floor measurement (default min(2, d/5))")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile one worker with py-spy (flame graph + top list)")
-    parser.add_argument("--profile-seconds", type=float, default=None,
-                        help="py-spy recording seconds (default: --duration)")
+    parser.add_argument(
+        "--concurrency", type=int, default=0, help="closed-loop connections (default 16 per worker)"
+    )
+    parser.add_argument(
+        "--open-connections",
+        type=int,
+        default=64,
+        help="connection pool of the open loop (default 64)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="warm-up seconds before each closed loop (default min(2, duration/5))",
+    )
+    parser.add_argument(
+        "--load-fraction",
+        type=float,
+        default=0.7,
+        help="open-loop rate as a fraction of the measured peak (default 0.7)",
+    )
+    parser.add_argument(
+        "--requests-prep",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at most N prepared requests per phase (tiny runs; default: enough for the duration)",
+    )
+    parser.add_argument(
+        "--floor-seconds",
+        type=float,
+        default=None,
+        help="CPU seconds for each RSA floor measurement (default min(2, d/5))",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one worker with py-spy (flame graph + top list)",
+    )
+    parser.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=None,
+        help="py-spy recording seconds (default: --duration)",
+    )
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
-    parser.add_argument("--profile-native", action="store_true",
-                        help="py-spy --native: C frames too (OpenSSL, SQLite, uvloop)")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR),
-                        help="where profiles go (default bench/results, git-ignored)")
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="py-spy --native: C frames too (OpenSSL, SQLite, uvloop)",
+    )
+    parser.add_argument(
+        "--results-dir",
+        default=str(RESULTS_DIR),
+        help="where profiles go (default bench/results, git-ignored)",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on a shared machine, wait up to SECONDS before each measured phase for other"
+        " jobs to use less than --quiet-cores (default 0: do not wait)",
+    )
+    parser.add_argument("--quiet-cores", type=float, default=0.3, help="see --quiet-wait")
     parser.add_argument("--keep", action="store_true", help="keep the data dirs")
     args = parser.parse_args(argv)
     if args.duration <= 0:
@@ -1192,9 +1334,18 @@ def main(argv: list[str] | None = None) -> int:
                     requests_cap=args.requests_prep,
                     cores=cores,
                     floor_cpu=floor["cpu_per_request_s"],
+                    quiet_wait=args.quiet_wait,
+                    quiet_cores=args.quiet_cores,
                 )
                 run_config(
-                    store, workers, apis, plan, work_root, pool, key_pem, results,
+                    store,
+                    workers,
+                    apis,
+                    plan,
+                    work_root,
+                    pool,
+                    key_pem,
+                    results,
                     profiler if workers == 1 and store == stores[0] else None,
                 )
     except BenchError as exc:
@@ -1221,6 +1372,7 @@ def main(argv: list[str] | None = None) -> int:
             "open_loop_connections": args.open_connections,
             "load_fraction": args.load_fraction,
             "requests_prep": args.requests_prep,
+            "quiet_wait_s": args.quiet_wait,
             "server_settings": BENCH_SETTINGS,
         },
         "floor": floor,
