@@ -7,15 +7,24 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 WORKERS ?= 1
 
-.PHONY: run test lint install services bench clean
+.PHONY: run test lint install install-test services bench soak clean
 
-$(BIN)/otpgate: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+
+# The service alone, for `make run`.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
 	touch $@
 
-install: $(BIN)/otpgate
+# The service plus everything the tests, linters and benchmarks use.
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
 
 ## Install and run the service on the embedded default (SQLite, in-process limits, local inbox).
 run: install
@@ -23,19 +32,22 @@ run: install
 	$(BIN)/otpgate serve --data-dir $(DATA) --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 ## Run the whole test suite (starts PostgreSQL and Redis if they are down), then lint.
-test: install services
+test: install-test services
 	$(BIN)/pytest -q
 	$(MAKE) lint
 
-lint: install
-	$(BIN)/ruff check src tests bench
+lint: install-test
+	$(BIN)/ruff check src tests bench bench/run bench/soak
 	$(BIN)/mypy
 
 services:
 	@scripts/services-up
 
-bench: install
-	bench/run
+bench: install-test
+	$(BIN)/python bench/run
+
+soak: install-test
+	$(BIN)/python bench/soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
