@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -18,8 +19,12 @@ def test_health_ready_and_trace_id(world: World) -> None:
     answer = server.post(world.merchant, "verifyAuthentication", verify_body("nope", "123456"))
     trace_id = answer.headers["trace-id"]
     assert len(trace_id) == 16
-    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-    logged = [line for line in lines if line.get("trace_id") == trace_id]
+    logged: list[dict[str, object]] = []
+    deadline = time.time() + 3  # access lines are written in batches, at least every 0.2 s
+    while not logged and time.time() < deadline:
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        logged = [line for line in lines if line.get("trace_id") == trace_id]
+        time.sleep(0.05)
     assert logged and logged[0]["result_code"] == "AUTHENTICATION_REQUEST_ID_INVALID"
     assert logged[0]["api"] == "verifyAuthentication"
 

@@ -33,6 +33,7 @@ from otpgate.protocol import (
     verify_signature,
 )
 from otpgate.server.directory import ClientDirectory
+from otpgate.server.logs import AccessLog
 from otpgate.server.observe import RequestRecorder
 
 log = logging.getLogger("otpgate.api")
@@ -51,7 +52,6 @@ class ApiSettings:
     max_body_bytes: int = 65_536
     request_time_window_seconds: int = 600
     client_rate_per_second: int = 100
-    access_log: bool = True
 
 
 class _Reject(Exception):
@@ -71,6 +71,7 @@ class SignedApi:
         limiter: RateLimiter,
         settings: ApiSettings,
         recorder: RequestRecorder,
+        access_log: AccessLog | None = None,
         clock: Clock = time.time,
     ) -> None:
         self._service = service
@@ -80,7 +81,7 @@ class SignedApi:
         self._settings = settings
         self._recorder = recorder
         self._clock = clock
-        self._access_log = settings.access_log and log.isEnabledFor(logging.INFO)
+        self._access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,16 +107,13 @@ class SignedApi:
         await self._respond(send, sign_path, client_id, body, trace_id)
         elapsed = time.perf_counter() - started
         self._recorder.record(api or "unknown", outcome.code.name, elapsed)
-        if self._access_log:
-            log.info(
-                "answered",
-                extra={
-                    "trace_id": trace_id,
-                    "api": api or "unknown",
-                    "client_id": client_id[:64],
-                    "result_code": outcome.code.name,
-                    "ms": round(elapsed * 1000, 3),
-                },
+        if self._access_log is not None:
+            self._access_log.write(
+                trace_id=trace_id,
+                api=api or "unknown",
+                client_id=client_id[:64],
+                result_code=outcome.code.name,
+                ms=round(elapsed * 1000, 3),
             )
 
     async def _handle(

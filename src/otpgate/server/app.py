@@ -29,7 +29,7 @@ from otpgate.delivery.worker import DeliveryWorker
 from otpgate.protocol import Signer
 from otpgate.server.api import ApiSettings, SignedApi
 from otpgate.server.directory import ClientDirectory
-from otpgate.server.logs import configure_logging
+from otpgate.server.logs import AccessLog, configure_logging
 from otpgate.server.observe import RequestRecorder
 from otpgate.server.ratelimit import ClientRateLimiter
 from otpgate.store import Store, open_store
@@ -107,6 +107,7 @@ class OtpGateApp:
             listener=self.recorder,
         )
         in_process = settings.delivery_in_process
+        access_log = AccessLog() if settings.access_log else None
         service = AuthenticationService(
             store,
             CodeHasher(secrets.hmac_keys, secrets.hmac_current),
@@ -124,18 +125,21 @@ class OtpGateApp:
                 max_body_bytes=settings.max_body_bytes,
                 request_time_window_seconds=settings.request_time_window_seconds,
                 client_rate_per_second=settings.client_rate_per_second,
-                access_log=settings.access_log,
             ),
             self.recorder,
+            access_log,
         )
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop)) if in_process else None
+        flusher = asyncio.create_task(_flush_every(access_log, 0.2, stop)) if access_log else None
         try:
             yield
         finally:
             stop.set()
             if task is not None:
                 await task
+            if flusher is not None:
+                await flusher
             for provider in providers.values():
                 await provider.aclose()
             await store.close()
@@ -168,6 +172,13 @@ class OtpGateApp:
             with contextlib.suppress(Exception):
                 self.recorder.outbox_depth.set(await self._store.outbox_depth())
         return Response(self.recorder.exposition(), media_type="text/plain; version=0.0.4")
+
+
+async def _flush_every(access_log: AccessLog, seconds: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+        access_log.flush()
 
 
 def create_app() -> OtpGateApp:

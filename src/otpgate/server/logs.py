@@ -10,6 +10,9 @@ import json
 import logging
 import sys
 import time
+from typing import BinaryIO
+
+import msgspec
 
 # Fields callers may pass with ``extra=``; nothing else of a record is copied into the line.
 _EXTRA_FIELDS = ("trace_id", "api", "client_id", "result_code", "ms")
@@ -43,3 +46,47 @@ def configure_logging(level: str = "info") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+
+
+class AccessLog:
+    """One JSON line per answered request, written in batches.
+
+    The logging module costs ~50 µs a line (record, formatter, handler lock, a write call);
+    this costs a few: a dict encoded by msgspec, appended to a buffer that is written when it
+    holds 64 lines or on ``flush`` (called every 0.2 s by the app and at shutdown). A crash
+    can lose the last fraction of a second of access lines, never anything else.
+    """
+
+    def __init__(self, stream: BinaryIO | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr.buffer
+        self._lines: list[bytes] = []
+        self._second = -1
+        self._prefix = ""
+
+    def write(self, **fields: object) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        ts = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        record: dict[str, object] = {
+            "ts": ts,
+            "level": "info",
+            "logger": "otpgate.access",
+            "msg": "answered",
+        }
+        record.update(fields)
+        self._lines.append(msgspec.json.encode(record) + b"\n")
+        if len(self._lines) >= 64:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._lines:
+            data = b"".join(self._lines)
+            self._lines.clear()
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed or broken stderr must never fail a request

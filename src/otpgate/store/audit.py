@@ -7,9 +7,10 @@ inserting a row breaks the chain at that row.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import msgspec
 
 GENESIS = b"\x00" * 32
 
@@ -38,11 +39,11 @@ def content_digest(
     detail: str,
 ) -> bytes:
     """SHA-256 of a row's content, computed in Python by every store."""
-    content = json.dumps(
-        [repr(float(at)), api, client_id, request_id, user_id, result_code, detail],
-        ensure_ascii=True,
-        separators=(",", ":"),
-    ).encode()
+    # msgspec's compact JSON is deterministic for a list of strings and None, and ~10x
+    # cheaper than json.dumps on this per-request path.
+    content = msgspec.json.encode(
+        [repr(float(at)), api, client_id, request_id, user_id, result_code, detail]
+    )
     return hashlib.sha256(content).digest()
 
 

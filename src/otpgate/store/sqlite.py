@@ -1,8 +1,9 @@
 """The embedded default store: one SQLite file in WAL mode.
 
 Every write runs in ``BEGIN IMMEDIATE``: a deferred transaction that later upgrades to a write
-gets SQLITE_BUSY at once (ignoring busy_timeout), while IMMEDIATE waits its turn. SQLite
-serialises writers, so each atomic operation below is exact across worker processes.
+gets SQLITE_BUSY at once (ignoring any busy timeout), while IMMEDIATE takes the write lock up
+front. SQLite serialises writers, so each atomic operation below is exact across worker
+processes. Waiting for the lock is done asynchronously (see ``_begin_immediate``).
 
 The methods are ``async`` to share the store interface with PostgreSQL, but run the
 statements inline: a local SQLite statement takes microseconds, far less than a thread hop.
@@ -10,10 +11,12 @@ statements inline: a local SQLite statement takes microseconds, far less than a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import random
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +45,11 @@ from otpgate.store.common import (
     migrations,
     verify_result_code,
 )
-from otpgate.store.errors import StoreConflict
+from otpgate.store.errors import StoreConflict, StoreUnavailable
 from otpgate.store.records import ClaimedMessage, InboxMessage, OutboxEntry, UserRecord
 from otpgate.store.sealing import Sealer
+
+_LOCK_WAIT_SECONDS = 10.0
 
 
 class SqliteStore:
@@ -52,18 +57,18 @@ class SqliteStore:
         self._path = path
         self._sealer = sealer
         self._db = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=10.0
+            path, isolation_level=None, check_same_thread=False, timeout=0
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.execute("PRAGMA busy_timeout=0")  # waiting is done in _begin_immediate
         self._db.execute("PRAGMA foreign_keys=ON")
 
     # ---- lifecycle -------------------------------------------------------------------
 
     async def migrate(self) -> int:
         """Apply pending migrations; return the schema version."""
-        with self._write() as db:
+        async with self._write() as db:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = db.execute("SELECT max(version) FROM schema_version").fetchone()
             current = row[0] or 0
@@ -82,16 +87,39 @@ class SqliteStore:
     async def close(self) -> None:
         self._db.close()
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[sqlite3.Connection]:
+        """A write transaction. The body must not await: the lock is held only while it runs."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        await self._begin_immediate()
         try:
             yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    async def _begin_immediate(self) -> None:
+        """``BEGIN IMMEDIATE``, waiting for another process's write lock without blocking.
+
+        SQLite's own busy handler sleeps at least a millisecond per retry while blocking the
+        event loop, although writes here hold the lock for tens of microseconds. So the busy
+        timeout is 0 and the wait happens here: short asynchronous sleeps, during which this
+        process keeps serving other requests.
+        """
+        delay = 0.0001
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable("the database stayed locked for 10 s") from exc
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.005)
 
     def _audit(self, db: sqlite3.Connection, event: AuditEvent) -> None:
         last = db.execute("SELECT seq, row_hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -173,7 +201,7 @@ class SqliteStore:
         self, challenge: NewChallenge, limits: SendLimits, audit: AuditEvent
     ) -> InitDecision:
         c = challenge
-        with self._write() as db:
+        async with self._write() as db:
             decision = self._init_refusal(db, c, limits)
             if decision is not None:
                 code = "SUCCESS" if decision.status is InitStatus.REPLAYED else decision.status.name
@@ -267,7 +295,7 @@ class SqliteStore:
     ) -> VerifyDecision:
         marks = ",".join("?" * len(value_macs))
         matched = f"code_mac IN ({marks})"
-        with self._write() as db:
+        async with self._write() as db:
             # Claim an attempt and compare in one statement: the attempt is spent before the
             # comparison's result exists, so concurrent guesses can never exceed max_attempts.
             row = db.execute(
@@ -340,13 +368,13 @@ class SqliteStore:
         )
 
     async def record_audit(self, event: AuditEvent) -> None:
-        with self._write() as db:
+        async with self._write() as db:
             self._audit(db, event)
 
     # ---- outbox and inbox (delivery worker) -----------------------------------------
 
     async def claim_due(self, now: float, limit: int, lease_seconds: float) -> list[ClaimedMessage]:
-        with self._write() as db:
+        async with self._write() as db:
             rows = db.execute(
                 "UPDATE outbox SET lease_until = ?, tries = tries + 1 WHERE id IN ("
                 " SELECT id FROM outbox WHERE status = 'queued' AND next_attempt_at <= ?"
@@ -367,7 +395,7 @@ class SqliteStore:
         self, outbox_id: int, status: str, now: float, error: str | None = None
     ) -> None:
         """Mark a claimed message sent, failed or expired, and wipe its sealed payload."""
-        with self._write() as db:
+        async with self._write() as db:
             db.execute(
                 "UPDATE outbox SET status = ?, payload = NULL, finished_at = ?, lease_until = 0,"
                 " last_error = COALESCE(?, last_error) WHERE id = ?",
@@ -375,7 +403,7 @@ class SqliteStore:
             )
 
     async def retry_message(self, outbox_id: int, next_attempt_at: float, error: str) -> None:
-        with self._write() as db:
+        async with self._write() as db:
             db.execute(
                 "UPDATE outbox SET next_attempt_at = ?, lease_until = 0, last_error = ?"
                 " WHERE id = ?",
@@ -385,7 +413,7 @@ class SqliteStore:
     async def deliver_to_inbox(self, message: ClaimedMessage, now: float) -> None:
         """The local provider: file the message and mark it sent in one transaction."""
         sealed = self._sealer.seal(message.text, INBOX_CONTEXT)
-        with self._write() as db:
+        async with self._write() as db:
             db.execute(
                 "INSERT OR IGNORE INTO inbox (outbox_id, client_id, user_id, channel,"
                 " destination, payload, created_at) VALUES (?,?,?,?,?,?,?)",
@@ -440,7 +468,7 @@ class SqliteStore:
     async def add_client(self, client: Client) -> None:
         now = time.time()
         try:
-            with self._write() as db:
+            async with self._write() as db:
                 db.execute(
                     "INSERT INTO clients (client_id, display_name, enabled, sandbox, channels,"
                     " apis, rate_per_second, created_at) VALUES (?,?,?,?,?,?,?,?)",
@@ -465,7 +493,7 @@ class SqliteStore:
             raise StoreConflict(f"client {client.client_id} already exists") from None
 
     async def add_client_key(self, client_id: str, key: ClientKey) -> None:
-        with self._write() as db:
+        async with self._write() as db:
             self._require(db, "clients", "client_id", client_id, "client")
             try:
                 db.execute(
@@ -479,7 +507,7 @@ class SqliteStore:
                 ) from None
 
     async def revoke_client_key(self, client_id: str, key_version: int) -> None:
-        with self._write() as db:
+        async with self._write() as db:
             cursor = db.execute(
                 "UPDATE client_keys SET revoked_at = ? WHERE client_id = ? AND key_version = ?"
                 " AND revoked_at IS NULL",
@@ -489,7 +517,7 @@ class SqliteStore:
                 raise StoreConflict(f"client {client_id} has no active key version {key_version}")
 
     async def set_client_enabled(self, client_id: str, enabled: bool) -> None:
-        with self._write() as db:
+        async with self._write() as db:
             cursor = db.execute(
                 "UPDATE clients SET enabled = ? WHERE client_id = ?", (int(enabled), client_id)
             )
@@ -515,7 +543,7 @@ class SqliteStore:
         now = time.time()
         rows = [(u.user_id, u.status.value, u.phone, u.email, u.locale, now) for u in users]
         try:
-            with self._write() as db:
+            async with self._write() as db:
                 db.executemany(
                     "INSERT INTO users (user_id, status, phone, email, locale, created_at)"
                     " VALUES (?,?,?,?,?,?)",
@@ -530,7 +558,7 @@ class SqliteStore:
         if not changes or set(changes) - allowed:
             raise ValueError(f"can only change {sorted(allowed)}")
         assignments = ", ".join(f"{name} = ?" for name in changes)
-        with self._write() as db:
+        async with self._write() as db:
             cursor = db.execute(
                 f"UPDATE users SET {assignments} WHERE user_id = ?", (*changes.values(), user_id)
             )
@@ -538,7 +566,7 @@ class SqliteStore:
                 raise StoreConflict(f"no user {user_id}")
 
     async def delete_user(self, user_id: str) -> None:
-        with self._write() as db:
+        async with self._write() as db:
             cursor = db.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
             if cursor.rowcount == 0:
                 raise StoreConflict(f"no user {user_id}")
@@ -561,7 +589,7 @@ class SqliteStore:
     ) -> None:
         """Store (hash, client, user, scopes, expires_at) rows; clients and users must exist."""
         now = time.time()
-        with self._write() as db:
+        async with self._write() as db:
             for client_id in dict.fromkeys(client_id for _, client_id, _, _, _ in tokens):
                 self._require(db, "clients", "client_id", client_id, "client")
             missing = [
@@ -582,7 +610,7 @@ class SqliteStore:
                 raise StoreConflict("a token already exists") from None
 
     async def revoke_token(self, token_hash: bytes) -> None:
-        with self._write() as db:
+        async with self._write() as db:
             cursor = db.execute(
                 "UPDATE tokens SET revoked_at = ? WHERE token_hash = ? AND revoked_at IS NULL",
                 (time.time(), token_hash),
