@@ -67,7 +67,7 @@ class Harness:
         """Read the code the way a user would: from the delivered message."""
         claimed = await self.store.claim_due(self.clock.now, 100, 30)
         for message in claimed:
-            await self.store.deliver_to_inbox(message, self.clock.now)
+            await self.store.deliver_to_inbox([message], self.clock.now)
         (newest, *_) = await self.store.list_inbox("alice", 1)
         return next(word for word in newest.text.replace(".", " ").split() if word.isdigit())
 

@@ -565,9 +565,9 @@ async def test_deliver_to_inbox_is_idempotent(seeded: Store, backend: Backend) -
     await create(store)
     await create(store, "r-bob", user_id=BOB, now=NOW + 1)
     first, second = sorted(await store.claim_due(NOW + 1, 10, 30), key=lambda m: m.outbox_id)
-    await store.deliver_to_inbox(first, NOW + 2)
-    await store.deliver_to_inbox(first, NOW + 3)  # a retry after a lost answer
-    await store.deliver_to_inbox(second, NOW + 4)
+    await store.deliver_to_inbox([first], NOW + 2)
+    await store.deliver_to_inbox([first], NOW + 3)  # a retry after a lost answer
+    await store.deliver_to_inbox([second], NOW + 4)
 
     (alices,) = await store.list_inbox(ALICE, 10)
     assert (alices.client_id, alices.user_id, alices.channel) == (SHOP, ALICE, "SMS")

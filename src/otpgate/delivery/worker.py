@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from otpgate.core.ports import Clock
@@ -40,7 +40,7 @@ class OutboxStore(Protocol):
 
     async def retry_message(self, outbox_id: int, next_attempt_at: float, error: str) -> None: ...
 
-    async def deliver_to_inbox(self, message: ClaimedMessage, now: float) -> None: ...
+    async def deliver_to_inbox(self, messages: Sequence[ClaimedMessage], now: float) -> None: ...
 
 
 class DeliveryListener(Protocol):
@@ -106,9 +106,17 @@ class DeliveryWorker:
 
     async def run_once(self) -> int:
         messages = await self._store.claim_due(self._clock(), self._batch, self._lease)
-        if messages:
-            # Concurrently: one slow gateway must not hold up the rest of the batch.
-            await asyncio.gather(*(self._deliver(message) for message in messages))
+        now = self._clock()
+        # The local inbox lives in the store: its messages are filed in one transaction.
+        local = [m for m in messages if m.provider == INBOX and m.expires_at > now]
+        if local:
+            await self._store.deliver_to_inbox(local, now)
+            for _ in local:
+                self._record(INBOX, "sent")
+        # The rest concurrently: one slow gateway must not hold up the batch.
+        others = [m for m in messages if not (m.provider == INBOX and m.expires_at > now)]
+        if others:
+            await asyncio.gather(*(self._deliver(message) for message in others))
         return len(messages)
 
     async def _deliver(self, message: ClaimedMessage) -> None:
@@ -116,10 +124,6 @@ class DeliveryWorker:
         if message.expires_at <= now:
             await self._store.finish_message(message.outbox_id, "expired", now, "code expired")
             self._record(message.provider, "expired")
-            return
-        if message.provider == INBOX:
-            await self._store.deliver_to_inbox(message, now)
-            self._record(INBOX, "sent")
             return
         provider = self._providers.get(message.provider)
         if provider is None:

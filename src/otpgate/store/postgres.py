@@ -698,24 +698,30 @@ class PostgresStore:
                 outbox_id,
             )
 
-    async def deliver_to_inbox(self, message: ClaimedMessage, now: float) -> None:
-        """The local provider: file the message (once per outbox id) and mark it sent."""
-        sealed = self._sealer.seal(message.text, _INBOX_CONTEXT)
-        async with self._connection() as conn:
-            await conn.execute(
+    async def deliver_to_inbox(self, messages: Sequence[ClaimedMessage], now: float) -> None:
+        """The local provider: file the messages (once per outbox id) and mark them sent,
+        in one transaction."""
+        rows = [
+            (
+                m.outbox_id,
+                m.client_id,
+                m.user_id,
+                m.channel,
+                m.destination,
+                self._sealer.seal(m.text, _INBOX_CONTEXT),
+                now,
+            )
+            for m in messages
+        ]
+        async with self._connection() as conn, conn.transaction():
+            await conn.executemany(
                 "WITH filed AS ("
                 " INSERT INTO inbox (outbox_id, client_id, user_id, channel, destination,"
                 " payload, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
                 " ON CONFLICT (outbox_id) DO NOTHING)"
                 " UPDATE outbox SET status = 'sent', payload = NULL, finished_at = $7,"
                 " lease_until = 0 WHERE id = $1",
-                message.outbox_id,
-                message.client_id,
-                message.user_id,
-                message.channel,
-                message.destination,
-                sealed,
-                now,
+                rows,
             )
 
     async def list_inbox(self, user_id: str | None, limit: int) -> list[InboxMessage]:

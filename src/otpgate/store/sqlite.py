@@ -56,9 +56,7 @@ class SqliteStore:
     def __init__(self, path: Path, sealer: Sealer, synchronous: str = "NORMAL") -> None:
         self._path = path
         self._sealer = sealer
-        self._db = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=0
-        )
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA busy_timeout=0")  # waiting is done in _begin_immediate
@@ -410,27 +408,31 @@ class SqliteStore:
                 (next_attempt_at, error, outbox_id),
             )
 
-    async def deliver_to_inbox(self, message: ClaimedMessage, now: float) -> None:
-        """The local provider: file the message and mark it sent in one transaction."""
-        sealed = self._sealer.seal(message.text, INBOX_CONTEXT)
+    async def deliver_to_inbox(self, messages: Sequence[ClaimedMessage], now: float) -> None:
+        """The local provider: file the messages and mark them sent, all in one transaction
+        (once per outbox id: a repeat is ignored)."""
+        filed = [
+            (
+                m.outbox_id,
+                m.client_id,
+                m.user_id,
+                m.channel,
+                m.destination,
+                self._sealer.seal(m.text, INBOX_CONTEXT),
+                now,
+            )
+            for m in messages
+        ]
         async with self._write() as db:
-            db.execute(
+            db.executemany(
                 "INSERT OR IGNORE INTO inbox (outbox_id, client_id, user_id, channel,"
                 " destination, payload, created_at) VALUES (?,?,?,?,?,?,?)",
-                (
-                    message.outbox_id,
-                    message.client_id,
-                    message.user_id,
-                    message.channel,
-                    message.destination,
-                    sealed,
-                    now,
-                ),
+                filed,
             )
-            db.execute(
+            db.executemany(
                 "UPDATE outbox SET status = 'sent', payload = NULL, finished_at = ?,"
                 " lease_until = 0 WHERE id = ?",
-                (now, message.outbox_id),
+                [(now, m.outbox_id) for m in messages],
             )
 
     async def list_inbox(self, user_id: str | None, limit: int) -> list[InboxMessage]:
