@@ -27,6 +27,7 @@ from otpgate.store.records import ClaimedMessage
 log = logging.getLogger("otpgate.delivery")
 
 INBOX = "inbox"
+_GATHER_SECONDS = 0.01
 
 
 class OutboxStore(Protocol):
@@ -95,14 +96,18 @@ class DeliveryWorker:
                     log.exception("outbox batch failed; retrying with backoff")
                 failures += 1
                 handled = 0
-            if handled:
-                continue
+            if handled >= self._batch:
+                continue  # a full batch: more are probably due already
             self._wake.clear()
             waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())}
             pause = min(5.0, self._poll * 2**failures) if failures else self._poll
             await asyncio.wait(waiters, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
             for task in waiters:
                 task.cancel()
+            if self._wake.is_set() and not stop.is_set():
+                # Woken by an init: give a burst a moment to collect into one batch, so a
+                # busy server pays one claim per batch rather than one per message.
+                await asyncio.sleep(_GATHER_SECONDS)
 
     async def run_once(self) -> int:
         messages = await self._store.claim_due(self._clock(), self._batch, self._lease)

@@ -105,7 +105,7 @@ class SqliteStore:
         timeout is 0 and the wait happens here: short asynchronous sleeps, during which this
         process keeps serving other requests.
         """
-        delay = 0.0001
+        delay = 0.00005
         deadline = time.monotonic() + _LOCK_WAIT_SECONDS
         while True:
             try:
@@ -117,7 +117,7 @@ class SqliteStore:
                 if time.monotonic() > deadline:
                     raise StoreUnavailable("the database stayed locked for 10 s") from exc
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 0.005)
+            delay = min(delay * 2, 0.001)
 
     def _audit(self, db: sqlite3.Connection, event: AuditEvent) -> None:
         last = db.execute("SELECT seq, row_hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
