@@ -7,7 +7,6 @@ hundreds of parallel requests, then the database is inspected directly.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import time
 from collections import Counter
@@ -17,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from otpgate.protocol import content_to_sign
 from support.harness import (
     Merchant,
     Server,
@@ -28,6 +26,7 @@ from support.harness import (
     init_data_dir,
     issue_token,
     running_server,
+    signed_request,
     verify_body,
 )
 
@@ -40,22 +39,6 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[Server, Merchant, str]]:
     token = issue_token(data, "M_BUSY", "alice")
     with running_server(data, workers=2) as server:
         yield server, merchant, token
-
-
-def signed(
-    server: Server, merchant: Merchant, api: str, body: dict[str, str]
-) -> tuple[str, dict[str, str], bytes]:
-    path = f"/ams/api/v1/users/{api}"
-    raw = json.dumps(body).encode()
-    now = str(int(time.time() * 1000))
-    signature = merchant.signer.sign(content_to_sign("POST", path, merchant.client_id, now, raw))
-    headers = {
-        "Content-Type": "application/json; charset=UTF-8",
-        "Client-Id": merchant.client_id,
-        "Request-Time": now,
-        "Signature": f"algorithm=RSA256,keyVersion=1,signature={signature}",
-    }
-    return path, headers, raw
 
 
 async def blast(server: Server, requests: list[tuple[str, dict[str, str], bytes]]) -> list[str]:
@@ -75,7 +58,7 @@ def test_200_concurrent_wrong_guesses_evaluate_exactly_five(
     two_workers: tuple[Server, Merchant, str],
 ) -> None:
     server, merchant, token = two_workers
-    path, headers, raw = signed(server, merchant, "initAuthentication", init_body("r-race", token))
+    path, headers, raw = signed_request(merchant, "initAuthentication", init_body("r-race", token))
     assert (
         server.check(
             httpx.post(server.url + path, content=raw, headers=headers), path, "M_BUSY"
@@ -86,7 +69,7 @@ def test_200_concurrent_wrong_guesses_evaluate_exactly_five(
     wrong = str((int(code) + 1) % 1_000_000).zfill(6)
 
     guesses = [
-        signed(server, merchant, "verifyAuthentication", verify_body("r-race", wrong))
+        signed_request(merchant, "verifyAuthentication", verify_body("r-race", wrong))
         for _ in range(200)
     ]
     codes = Counter(asyncio.run(blast(server, guesses)))
@@ -94,7 +77,7 @@ def test_200_concurrent_wrong_guesses_evaluate_exactly_five(
     assert codes == {"VERIFY_UNMATCHED": 4, "VERIFY_TIMES_EXCEED_LIMIT": 196}
     db = sqlite3.connect(server.data_dir / "otpgate.db")
     assert db.execute("SELECT attempts, state FROM challenges").fetchall() == [(5, "exhausted")]
-    right = [signed(server, merchant, "verifyAuthentication", verify_body("r-race", code))]
+    right = [signed_request(merchant, "verifyAuthentication", verify_body("r-race", code))]
     assert asyncio.run(blast(server, right)) == ["VERIFY_TIMES_EXCEED_LIMIT"]
 
 
@@ -102,11 +85,11 @@ def test_concurrent_right_codes_pass_once_and_replay(
     two_workers: tuple[Server, Merchant, str],
 ) -> None:
     server, merchant, token = two_workers
-    init = signed(server, merchant, "initAuthentication", init_body("r-pass", token))
+    init = signed_request(merchant, "initAuthentication", init_body("r-pass", token))
     assert asyncio.run(blast(server, [init])) == ["SUCCESS"]
     (code,) = inbox_codes(server.data_dir, "alice")
     verifies = [
-        signed(server, merchant, "verifyAuthentication", verify_body("r-pass", code))
+        signed_request(merchant, "verifyAuthentication", verify_body("r-pass", code))
         for _ in range(100)
     ]
     assert Counter(asyncio.run(blast(server, verifies))) == {"SUCCESS": 100}
@@ -119,7 +102,7 @@ def test_50_concurrent_identical_inits_make_one_challenge_and_one_message(
 ) -> None:
     server, merchant, token = two_workers
     inits = [
-        signed(server, merchant, "initAuthentication", init_body("r-dup", token)) for _ in range(50)
+        signed_request(merchant, "initAuthentication", init_body("r-dup", token)) for _ in range(50)
     ]
     assert Counter(asyncio.run(blast(server, inits))) == {"SUCCESS": 50}
     time.sleep(0.5)  # let the in-process workers drain the outbox

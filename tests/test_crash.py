@@ -18,33 +18,17 @@ from pathlib import Path
 import httpx
 import psutil
 
-from otpgate.protocol import content_to_sign
 from support.harness import (
     Merchant,
     Server,
     add_merchant,
     init_data_dir,
     running_server,
+    signed_request,
     start_server,
 )
 
 USERS = 120
-
-
-def _request(
-    merchant: Merchant, api: str, body: dict[str, str]
-) -> tuple[str, dict[str, str], bytes]:
-    path = f"/ams/api/v1/users/{api}"
-    raw = json.dumps(body).encode()
-    now = str(int(time.time() * 1000))
-    sig = merchant.signer.sign(content_to_sign("POST", path, merchant.client_id, now, raw))
-    headers = {
-        "Client-Id": merchant.client_id,
-        "Request-Time": now,
-        "Signature": f"algorithm=RSA256,keyVersion=1,signature={sig}",
-        "Content-Type": "application/json; charset=UTF-8",
-    }
-    return path, headers, raw
 
 
 def _kill_tree(server: Server) -> None:
@@ -64,7 +48,7 @@ async def _mixed_load(
 
     async def one_user(http: httpx.AsyncClient, index: int) -> None:
         rid = f"crash-{index}"
-        path, headers, raw = _request(
+        path, headers, raw = signed_request(
             merchant,
             "initAuthentication",
             {
@@ -83,7 +67,7 @@ async def _mixed_load(
             return
         succeeded.add(rid)
         while time.monotonic() < deadline:
-            path, headers, raw = _request(
+            path, headers, raw = signed_request(
                 merchant,
                 "verifyAuthentication",
                 {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import time
 from collections import Counter
@@ -22,9 +21,7 @@ import httpx
 import pytest
 import redis
 
-from otpgate.protocol import content_to_sign
 from support.harness import (
-    Merchant,
     Server,
     add_merchant,
     add_user,
@@ -34,6 +31,7 @@ from support.harness import (
     init_body,
     issue_token,
     running_server,
+    signed_request,
     verify_body,
 )
 from support.proxy import fault_proxy
@@ -95,22 +93,6 @@ def cluster(tmp_path: Path, *, pg_port: int = 5432, redis_port: int = 6379) -> I
             client.delete(key)
 
 
-def _signed(
-    merchant: Merchant, api: str, body: dict[str, str]
-) -> tuple[str, dict[str, str], bytes]:
-    path = f"/ams/api/v1/users/{api}"
-    raw = json.dumps(body).encode()
-    now = str(int(time.time() * 1000))
-    sig = merchant.signer.sign(content_to_sign("POST", path, merchant.client_id, now, raw))
-    headers = {
-        "Client-Id": merchant.client_id,
-        "Request-Time": now,
-        "Signature": f"algorithm=RSA256,keyVersion=1,signature={sig}",
-        "Content-Type": "application/json; charset=UTF-8",
-    }
-    return path, headers, raw
-
-
 async def _spread(
     nodes: list[Server], requests: list[tuple[str, dict[str, str], bytes]], client_id: str
 ) -> list[str]:
@@ -147,7 +129,8 @@ def test_two_nodes_share_the_attempt_cap_and_idempotency(tmp_path: Path) -> None
         token = issue_token(c.data_dir, "M_BIG", "alice")
         with running_server(c.data_dir) as a, running_server(c.data_dir) as b:
             inits = [
-                _signed(merchant, "initAuthentication", init_body("dup", token)) for _ in range(50)
+                signed_request(merchant, "initAuthentication", init_body("dup", token))
+                for _ in range(50)
             ]
             assert Counter(asyncio.run(_spread([a, b], inits, "M_BIG"))) == {"SUCCESS": 50}
             (code,) = inbox_codes(c.data_dir, "alice")
@@ -158,7 +141,7 @@ def test_two_nodes_share_the_attempt_cap_and_idempotency(tmp_path: Path) -> None
 
             wrong = str((int(code) + 1) % 1_000_000).zfill(6)
             guesses = [
-                _signed(merchant, "verifyAuthentication", verify_body("dup", wrong))
+                signed_request(merchant, "verifyAuthentication", verify_body("dup", wrong))
                 for _ in range(200)
             ]
             codes = Counter(asyncio.run(_spread([a, b], guesses, "M_BIG")))
@@ -166,7 +149,7 @@ def test_two_nodes_share_the_attempt_cap_and_idempotency(tmp_path: Path) -> None
             assert _pg_rows(c.database, "SELECT attempts, state FROM challenges") == [
                 (5, "exhausted")
             ]
-            right = [_signed(merchant, "verifyAuthentication", verify_body("dup", code))]
+            right = [signed_request(merchant, "verifyAuthentication", verify_body("dup", code))]
             assert asyncio.run(_spread([b], right, "M_BIG")) == ["VERIFY_TIMES_EXCEED_LIMIT"]
 
 
@@ -175,7 +158,7 @@ def test_client_rate_holds_in_total_across_nodes(tmp_path: Path) -> None:
         merchant = add_merchant(c.data_dir, "M_RATED", "--rate", "20")
         with running_server(c.data_dir) as a, running_server(c.data_dir) as b:
             requests = [
-                _signed(merchant, "verifyAuthentication", verify_body(f"x{i}", "123456"))
+                signed_request(merchant, "verifyAuthentication", verify_body(f"x{i}", "123456"))
                 for i in range(60)
             ]
             codes = Counter(asyncio.run(_spread([a, b], requests, "M_RATED")))

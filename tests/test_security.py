@@ -13,9 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from otpgate.protocol import content_to_sign
 from support.harness import (
-    Merchant,
     Server,
     add_merchant,
     add_user,
@@ -26,6 +24,7 @@ from support.harness import (
     init_data_dir,
     issue_token,
     running_server,
+    signed_request,
     verify_body,
 )
 
@@ -67,23 +66,6 @@ def test_brute_force_with_a_valid_token_is_stopped_by_the_failure_budget(tmp_pat
     assert 850 < locked_until - time.time() <= 900
 
 
-def _signed(merchant: Merchant, body: dict[str, str]) -> tuple[str, dict[str, str], bytes]:
-    path = f"/ams/api/v1/users/{VERIFY}"
-    raw = json.dumps(body).encode()
-    now = str(int(time.time() * 1000))
-    sig = merchant.signer.sign(content_to_sign("POST", path, merchant.client_id, now, raw))
-    return (
-        path,
-        {
-            "Client-Id": merchant.client_id,
-            "Request-Time": now,
-            "Signature": f"algorithm=RSA256,keyVersion=1,signature={sig}",
-            "Content-Type": "application/json; charset=UTF-8",
-        },
-        raw,
-    )
-
-
 def test_verify_timing_does_not_reveal_id_or_state(tmp_path: Path) -> None:
     """Wrong code, unknown id, expired challenge and another client's id: equal within noise."""
     data = init_data_dir(
@@ -111,10 +93,10 @@ def test_verify_timing_does_not_reveal_id_or_state(tmp_path: Path) -> None:
         db.execute("UPDATE challenges SET expires_at = 0 WHERE request_id = 'old'")
         db.commit()
         cases = {
-            "wrong code": _signed(mine, verify_body("live", "000000")),
-            "unknown id": _signed(mine, verify_body("nobody", "000000")),
-            "expired": _signed(mine, verify_body("old", "000000")),
-            "other client's id": _signed(mine, verify_body("theirs", "000000")),
+            "wrong code": signed_request(mine, VERIFY, verify_body("live", "000000")),
+            "unknown id": signed_request(mine, VERIFY, verify_body("nobody", "000000")),
+            "expired": signed_request(mine, VERIFY, verify_body("old", "000000")),
+            "other client's id": signed_request(mine, VERIFY, verify_body("theirs", "000000")),
         }
         samples: dict[str, list[float]] = {name: [] for name in cases}
         order = [name for name in cases for _ in range(1500)]

@@ -258,6 +258,25 @@ def running_server(data_dir: Path, **kwargs: Any) -> Iterator[Server]:
         server.stop()
 
 
+PreparedRequest = tuple[str, dict[str, str], bytes]
+"""(path, headers, body bytes) of a signed request, ready to send as is."""
+
+
+def signed_request(merchant: Merchant, api: str, body: dict[str, str]) -> PreparedRequest:
+    """Sign a request ahead of sending it (load and race tests send hundreds at once)."""
+    path = f"/ams/api/v1/users/{api}"
+    raw = json.dumps(body).encode()
+    now = str(int(time.time() * 1000))
+    value = merchant.signer.sign(content_to_sign("POST", path, merchant.client_id, now, raw))
+    headers = {
+        "Content-Type": "application/json; charset=UTF-8",
+        "Client-Id": merchant.client_id,
+        "Request-Time": now,
+        "Signature": f"algorithm=RSA256,keyVersion={merchant.key_version},signature={value}",
+    }
+    return path, headers, raw
+
+
 def init_body(request_id: str, token: str, channel: str = "SMS") -> dict[str, str]:
     return {
         "authenticationType": "OTP",
