@@ -139,6 +139,7 @@ class Generator:
         self.mode: str = spec["mode"]
         self.server = psutil.Process(spec["server_pid"]) if spec.get("server_pid") else None
         self.backend_patterns: list[str] = list(spec.get("backend_patterns") or [])
+        self.per_process: dict[str, dict[int, tuple[float, int]]] = {}
         self.next_index = 0
         self.limit = len(self.requests)
         self.in_flight = 0
@@ -147,6 +148,8 @@ class Generator:
         self.warmed = 0
         self.warmup_max = int(spec.get("warmup_max_requests") or 0)
         self.start_window: Any = None
+        self.ramped = False
+        self.warmup_over = False
         self.accepting = True
         self.latencies: list[float] = []
         self.starts: list[float] = []  # when each measured request was sent (or scheduled)
@@ -184,6 +187,24 @@ class Generator:
         self.marks[name + "_machine_steal"] = getattr(machine, "steal", 0.0)
         if self.backend_patterns:
             self.marks[name + "_backend_cpu"] = self.backend_cpu()
+        if self.server is not None:
+            self.per_process[name] = self.process_view()
+
+    def process_view(self) -> dict[int, tuple[float, int]]:
+        """Per server process: (CPU seconds, established connections on the API port)."""
+        assert self.server is not None
+        port = int(self.spec["port"])
+        view = {}
+        for proc in [self.server, *self.server.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                times = proc.cpu_times()
+                conns = sum(
+                    1
+                    for c in proc.net_connections(kind="tcp")
+                    if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+                )
+                view[proc.pid] = (times.user + times.system, conns)
+        return view
 
     def backend_cpu(self) -> float:
         """CPU of the external services this server uses (its PostgreSQL backends, Redis)."""
@@ -264,15 +285,32 @@ class Generator:
 
     # -- phases --------------------------------------------------------------------------
 
-    async def connect(self, count: int) -> list[Connection]:
+    async def connect(self, conns: list[Connection], count: int, gap: float, busy: bool) -> None:
+        """Open ``count`` connections ``gap`` seconds apart, like clients arriving over time.
+
+        A burst of connects is accepted by whichever worker process is waiting in accept()
+        at that instant, and uvicorn's workers share one listening socket: 32 connections
+        opened at once often all land on one worker, and keep-alive keeps them there. With
+        ``busy`` each connection starts sending at once, so a worker that is busy answering
+        leaves the next accept to another. The resulting spread is reported.
+        """
         loop = asyncio.get_running_loop()
-        conns = []
-        for _ in range(count):
+        for n in range(count):
             _, proto = await loop.create_connection(
                 lambda: Connection(self), self.spec["host"], self.spec["port"]
             )
             conns.append(proto)
-        return conns
+            if busy and self.mode == "open":
+                if self.next_index < self.limit:  # one warm-up request, then idle
+                    self.next_index += 1
+                    self.in_flight += 1
+                    proto.send(self.next_index - 1, perf())
+                else:
+                    self.idle.append(proto)
+            elif busy:
+                self.next_for(proto)
+            if gap > 0 and n + 1 < count:
+                await asyncio.sleep(gap)
 
     async def watchdog(self) -> None:
         stall = float(self.spec.get("stall_seconds", 60))
@@ -294,21 +332,29 @@ class Generator:
             self.check_finished()
 
         def start_window() -> None:
-            if self.warming:
+            # The window opens once every connection is open, and after ``warmup`` seconds
+            # or ``warmup_max_requests`` answers, whichever comes first.
+            if self.warming and self.ramped:
                 self.warming = False
                 self.mark("start")
                 self.measuring = True
                 loop.call_later(duration, end_window)
 
-        if measure:
-            self.warming = True
-            self.start_window = start_window
-            if warmup > 0:
-                loop.call_later(warmup, start_window)
-            else:
-                start_window()
-        for conn in conns:
-            self.next_for(conn)
+        def warm_timer() -> None:
+            self.warmup_over = True
+            start_window()
+
+        self.warming = measure
+        self.start_window = start_window
+        if measure and warmup > 0:
+            loop.call_later(warmup, warm_timer)
+        gap = float(self.spec.get("connect_gap", 0.005))
+        await self.connect(conns, int(self.spec["concurrency"]), gap, busy=True)
+        self.ramped = True
+        if measure and (
+            warmup <= 0 or self.warmup_over or (self.warmup_max and self.warmed >= self.warmup_max)
+        ):
+            start_window()
         await self.finished
         if measure and self.measuring:
             # The prepared requests ran out before the duration: the window ends here.
@@ -323,36 +369,42 @@ class Generator:
 
     async def run_open(self, conns: list[Connection], rate: float, duration: float) -> None:
         loop = asyncio.get_running_loop()
+        # Open the pool the way the closed loop does: each new connection carries one
+        # (unmeasured) request at once, so accepts spread over the worker processes.
+        gap = float(self.spec.get("connect_gap", 0.005))
+        await self.connect(conns, int(self.spec["concurrency"]), gap, busy=True)
+        while self.in_flight:
+            await asyncio.sleep(0.005)
         self.finished = loop.create_future()
-        self.limit = min(self.limit, max(1, int(rate * duration)))
-        self.idle.extend(conns)
+        first = self.next_index
+        self.limit = min(self.limit, first + max(1, int(rate * duration)))
         interval = 1.0 / rate
         self.mark("start")
         self.measuring = True
         t0 = perf()
         while self.next_index < self.limit:
             now = perf()
-            due = min(self.limit, int((now - t0) * rate) + 1)
+            due = min(self.limit, first + int((now - t0) * rate) + 1)
             while self.next_index < due:
                 index = self.next_index
-                scheduled = t0 + index * interval
+                scheduled = t0 + (index - first) * interval
                 self.next_index += 1
                 if self.idle:
                     self.in_flight += 1
                     self.idle.popleft().send(index, scheduled)
                 else:
                     self.backlog.append((index, scheduled))
-            delay = t0 + self.next_index * interval - perf()
+            delay = t0 + (self.next_index - first) * interval - perf()
             await asyncio.sleep(delay if delay > 0 else 0)
         self.check_finished()
         await self.finished
         self.measuring = False
         self.mark("end")
-        self.marks["scheduled_s"] = self.limit * interval
+        self.marks["scheduled_s"] = (self.limit - first) * interval
 
     async def main(self) -> dict[str, Any]:
         spec = self.spec
-        conns = await self.connect(int(spec["concurrency"]))
+        conns: list[Connection] = []
         dog = asyncio.ensure_future(self.watchdog())
         try:
             work: Any
@@ -408,6 +460,13 @@ class Generator:
             - marks.get("start_machine_steal", 0.0),
         }
         result.update(percentiles(self.latencies))
+        start, end = self.per_process.get("start", {}), self.per_process.get("end", {})
+        # The processes that held API connections or burned CPU in the window (the workers).
+        result["processes"] = [
+            {"pid": pid, "connections": start[pid][1], "cpu_s": end[pid][0] - start[pid][0]}
+            for pid in sorted(start)
+            if pid in end and (start[pid][1] or end[pid][0] - start[pid][0] > 0.05)
+        ]
         return result
 
 

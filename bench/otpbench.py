@@ -117,6 +117,50 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _git(*args: str) -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["git", "-C", str(BENCH_DIR.parent), *args], capture_output=True, timeout=30
+        )
+        if done.returncode == 0:
+            return done.stdout.decode(errors="replace").strip()
+    return None
+
+
+def code_under_test() -> dict[str, Any]:
+    """Which otpgate the servers run: the checkout's commit and whether src/ had changes."""
+    import otpgate
+
+    info: dict[str, Any] = {"package": str(Path(otpgate.__file__).parent)}
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit:
+        info["commit"] = commit
+        info["src_uncommitted_changes"] = bool(_git("status", "--porcelain", "src"))
+        info["src_fingerprint"] = _git("ls-files", "-s", "-m", "-o", "--exclude-standard", "src")
+    return info
+
+
+def export_snapshot(rev: str, into: Path) -> dict[str, Any]:
+    """``git archive REV src`` into ``into``, first on PYTHONPATH for every process started
+    from now on (servers, CLI): the whole run measures one fixed version of the code, even
+    while the working tree changes."""
+    sha = _git("rev-parse", "--short", f"{rev}^{{commit}}")
+    if not sha:
+        raise BenchError(f"--commit {rev}: not a commit of {BENCH_DIR.parent}")
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(BENCH_DIR.parent), "archive", sha, "src"], capture_output=True
+    )
+    if archive.returncode != 0:
+        raise BenchError(f"git archive {sha} failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    src = into / "src"
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(src), os.environ.get("PYTHONPATH", "")) if p
+    )
+    return {"commit": sha, "snapshot_of": rev, "package": str(src / "otpgate")}
+
+
 def measure_floor(seconds: float) -> dict[str, Any]:
     """RSA-2048 PKCS#1 v1.5 SHA-256 sign and verify on one core (this thread), ops per CPU s."""
     key = generate_private_key()
@@ -468,6 +512,8 @@ def run_loadgen(
         "warmup": warmup,
         "warmup_max_requests": warmup_max_requests,
         "rate": rate,
+        # Connections open this far apart (a ramp that fits well inside the warm-up).
+        "connect_gap": min(0.005, warmup / (4 * concurrency)) if warmup else 0.002,
         "server_pid": server.process.pid,
         "backend_patterns": world.backend_patterns,
     }
@@ -510,7 +556,7 @@ class Plan:
 
 def machine_busy_seconds() -> float:
     t = psutil.cpu_times()
-    return (
+    return float(
         sum(t)
         - t.idle
         - getattr(t, "iowait", 0.0)
@@ -554,14 +600,12 @@ def prepared_count(plan: Plan, bound_rps: float) -> int:
     return min(count, plan.requests_cap) if plan.requests_cap else count
 
 
-def ensure_challenges(
-    world: World, server: ServerProcess, plan: Plan, count: int, budget_note: str = ""
-) -> None:
+def ensure_challenges(world: World, server: ServerProcess, plan: Plan, count: int) -> None:
     """Make sure ``count`` verify requests can be built: run extra inits (untimed) if short."""
     have = len(world.unsent_verifies) + len(world.ready) + len(world.awaiting_code)
     short = count - have
     if short > 0:
-        log(f"  {world.label}: {short} more challenges needed{budget_note}; running inits")
+        log(f"  {world.label}: {short} more challenges needed; running inits")
         items = world.take_inits(short)
         result = run_loadgen(
             world,
@@ -591,6 +635,7 @@ def summarise(
 ) -> dict[str, Any]:
     cpu_per_request = server_cpu / requests_for_cpu if requests_for_cpu else 0.0
     window = closed["window_s"]
+    window_cpu = closed["server_cpu_end"] - closed["server_cpu_start"]
     measured = closed["window_requests"]
     entry: dict[str, Any] = {
         "api": api,
@@ -604,13 +649,12 @@ def summarise(
         "overhead_ratio": cpu_per_request / floor_cpu if floor_cpu else 0.0,
         "p99_at_70pct_ms": open_loop["p99_ms"] if open_loop else None,
         "requests": measured,
-        "errors": closed["window_errors"] + (open_loop["errors"] if open_loop else 0),
+        "errors": closed["errors"] + (open_loop["errors"] if open_loop else 0),
         "window_s": window,
         "truncated": closed["truncated"],
         "concurrency": concurrency,
-        "server_cores_busy": server_cpu / window if window > 0 else 0.0,
-        "server_system_cpu_share": closed["server_sys_s"]
-        / max(1e-9, closed["server_cpu_end"] - closed["server_cpu_start"]),
+        "server_cores_busy": window_cpu / window if window > 0 else 0.0,
+        "server_system_cpu_share": closed["server_sys_s"] / max(1e-9, window_cpu),
         "loadgen_cpu_per_request_s": closed["loadgen_cpu_s"] / measured if measured else 0.0,
         "loadgen_cores_busy": closed["loadgen_cpu_s"] / window if window else 0.0,
         # Everything else the machine ran meanwhile (other jobs, the kernel's own threads):
@@ -618,7 +662,7 @@ def summarise(
         "other_cores_busy": max(
             0.0,
             closed["machine_busy_cpu_s"]
-            - (closed["server_cpu_end"] - closed["server_cpu_start"])
+            - window_cpu
             - closed["loadgen_cpu_s"]
             - closed.get("backend_cpu_s", 0.0),
         )
@@ -627,6 +671,8 @@ def summarise(
         else 0.0,
         "steal_cores": closed["machine_steal_cpu_s"] / window if window else 0.0,
         "latency_ms": {k: closed[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")},
+        # Per worker process: keep-alive connections it held and CPU it used in the window.
+        "worker_processes": closed.get("processes", []),
     }
     if closed.get("backend_cpu_s"):
         backend = closed["backend_cpu_s"] / measured if measured else 0.0
@@ -638,11 +684,10 @@ def summarise(
         done = open_loop["window_requests"]
         entry["open_loop"] = {
             "target_rate_per_s": open_loop["target_rate"],
-            "achieved_rate_per_s": done / open_loop["scheduled_s"]
-            if open_loop["scheduled_s"]
-            else 0.0,
+            "answered_per_s": done / open_loop["window_s"] if open_loop["window_s"] else 0.0,
             "requests": done,
             "connections": open_loop["connections"],
+            "worker_processes": open_loop.get("processes", []),
             "cpu_per_request_s": (open_cpu or 0.0) / done if done else 0.0,
             **{k: open_loop[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")},
         }
@@ -710,7 +755,8 @@ def closed_then_open(
     open_cpu = None
     rate = closed["requests_per_s"] * plan.load_fraction
     if rate > 0:
-        count = max(1, math.ceil(rate * plan.duration))
+        # + one warm-up request per pool connection (see loadgen.run_open)
+        count = max(1, math.ceil(rate * plan.duration)) + plan.open_concurrency
         if plan.requests_cap:
             count = min(count, plan.requests_cap)
         log(f"  {label} {api}: preparing {count} requests for the open loop at {rate:.0f}/s")
@@ -919,10 +965,16 @@ def top_list(collapsed: str, api: str, cpu_per_request: float = 0.0, top: int = 
     inclusive: dict[str, int] = {}
     categories: dict[str, int] = {}
     total = 0
+    side_threads = 0
     for frames, count in stacks:
         # py-spy's first frames are process/thread labels; real frames carry a file.
         frames = [f for f in frames if f[1]]
         if not frames:
+            continue
+        if frames[0][0] == "Thread._bootstrap":
+            # Not the event loop: e.g. uvicorn's supervisor ping thread, blocked in a pipe
+            # read that py-spy does not recognise as idle. It costs no CPU to speak of.
+            side_threads += count
             continue
         total += count
         leaf = frames[-1]
@@ -939,6 +991,8 @@ def top_list(collapsed: str, api: str, cpu_per_request: float = 0.0, top: int = 
         return f"  {100 * count / total:5.1f}% {ms}  {what}"
 
     lines = [f"py-spy profile of one worker under closed-loop {api} load: {total} samples"]
+    if side_threads:
+        lines.append(f"({side_threads} samples of other threads left out, see the code)")
     if cpu_per_request:
         lines.append(
             f"server CPU per request in this run: {cpu_per_request * 1e3:.3f} ms"
@@ -1082,6 +1136,20 @@ def run_config(
         setup.drop()
 
 
+def describe_code(info: dict[str, Any]) -> str:
+    if info.get("snapshot_of"):
+        text = f"commit {info['commit']} (snapshot of {info['snapshot_of']})"
+    elif info.get("commit") and info["package"].startswith(str(BENCH_DIR.parent)):
+        text = f"commit {info['commit']}"
+        if info.get("src_uncommitted_changes"):
+            text += " + uncommitted changes in src/"
+        if info.get("src_changed_during_run"):
+            text += " (src/ CHANGED DURING THE RUN)"
+    else:
+        text = f"imported from {info['package']}"
+    return text + (f"; {info['note']}" if info.get("note") else "")
+
+
 def render_table(report: dict[str, Any]) -> str:
     m = report["machine"]
     f = report["floor"]
@@ -1089,6 +1157,7 @@ def render_table(report: dict[str, Any]) -> str:
         f"otpgate benchmark  {report['started_at']}",
         f"machine: {m['cpu_model']}, {m['usable_cpus']} CPUs ({m['virtualization']}),"
         f" {m['memory_gib']} GiB, {m['os']}, Python {m['python']}, {m['openssl']}",
+        f"otpgate: {describe_code(report['otpgate'])}",
         f"floor (1 core): RSA-2048 sign {f['rsa_sign_per_s']:.0f}/s, verify"
         f" {f['rsa_verify_per_s']:.0f}/s -> {f['cpu_per_request_s'] * 1e3:.3f} ms CPU/request",
         f"load: closed loop with {report['settings']['concurrency']} connections,"
@@ -1100,6 +1169,7 @@ def render_table(report: dict[str, Any]) -> str:
     header = (
         f"{'api':<7}{'store':<9}{'wrk':>4}{'req/s':>9}{'p50':>8}{'p99':>8}{'p99.9':>8}"
         f"{'p99@70%':>9}{'cpu/req':>9}{'ratio':>7}{'srv':>6}{'gen':>6}{'other':>6}{'err':>5}"
+        f"  {'conns':<8}"
     )
     lines += [header, "-" * len(header)]
     for r in report["results"]:
@@ -1111,13 +1181,15 @@ def render_table(report: dict[str, Any]) -> str:
             f"{r['cpu_per_request_s'] * 1e3:>9.3f}{r['overhead_ratio']:>7.2f}"
             f"{r['server_cores_busy']:>6.2f}{r['loadgen_cores_busy']:>6.2f}"
             f"{r['other_cores_busy']:>6.2f}{r['errors']:>5}"
+            f"  {'/'.join(str(w['connections']) for w in r['worker_processes']) or '-':<8}"
             + ("  (ran out of requests)" if r["truncated"] else "")
         )
     lines += [
         "",
         "latencies in ms; cpu/req = server CPU ms per request (all processes);"
         " ratio = cpu/req / floor; srv, gen, other = cores busy at peak (server, load"
-        " generator, everything else on the machine)",
+        " generator, everything else on the machine); conns = keep-alive connections each"
+        " worker process held",
     ]
     for r in report["results"]:
         if "backend_cpu_per_request_s" in r:
@@ -1271,6 +1343,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " jobs to use less than --quiet-cores (default 0: do not wait)",
     )
     parser.add_argument("--quiet-cores", type=float, default=0.3, help="see --quiet-wait")
+    parser.add_argument("--note", default="", help="free text recorded with the results")
+    parser.add_argument(
+        "--commit",
+        metavar="REV",
+        help="measure this commit's src/ (git archive to a temp dir, first on PYTHONPATH)"
+        " instead of the working tree",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the data dirs")
     args = parser.parse_args(argv)
     if args.duration <= 0:
@@ -1305,6 +1384,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    work_root = Path(tempfile.mkdtemp(prefix="otpgate-bench-"))
+    try:
+        code = export_snapshot(args.commit, work_root / "snapshot") if args.commit else None
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        shutil.rmtree(work_root, ignore_errors=True)
+        return 2
+    code = code or code_under_test()
+    if args.note:
+        code["note"] = args.note
     machine = machine_info()
     cores = machine["usable_cpus"]
     floor_seconds = args.floor_seconds or min(2.0, max(0.3, args.duration / 5))
@@ -1316,11 +1405,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     warmup = args.warmup if args.warmup is not None else min(2.0, args.duration / 5)
     results: list[dict[str, Any]] = []
-    work_root = Path(tempfile.mkdtemp(prefix="otpgate-bench-"))
     key = generate_private_key()
     key_pem = private_key_pem(key)
     pool = SigningPool(key_pem, processes=cores)
-    code = 0
+    status = 0
     try:
         for store in stores:
             for workers in workers_list:
@@ -1350,21 +1438,31 @@ def main(argv: list[str] | None = None) -> int:
                 )
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
-        code = 1
+        status = 1
     except KeyboardInterrupt:
-        code = 130
+        status = 130
     finally:
         pool.close()
         if args.keep:
             log(f"data dirs kept in {work_root}")
         else:
             shutil.rmtree(work_root, ignore_errors=True)
-    if code:
-        return code
+    if status:
+        return status
+    if "src_fingerprint" in code:
+        # Servers import src/ when they start: if it changed meanwhile, rows measured
+        # different code. Say so (use --commit to measure a fixed snapshot).
+        now = code_under_test()
+        code["src_changed_during_run"] = now.get("src_fingerprint") != code.pop(
+            "src_fingerprint"
+        ) or now.get("commit") != code.get("commit")
+        if code["src_changed_during_run"]:
+            log("WARNING src/ changed during the run; the rows may measure different code")
 
     report: dict[str, Any] = {
         "started_at": started,
         "machine": machine,
+        "otpgate": code,
         "settings": {
             "duration_s": args.duration,
             "warmup_s": warmup,

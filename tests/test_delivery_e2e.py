@@ -573,6 +573,7 @@ def test_slow_gateway_does_not_slow_init(tmp_path: Path) -> None:
                 started = time.perf_counter()
                 init_ok(server, merchant, f"r-{user}", token, http=http)
                 durations.append(time.perf_counter() - started)
+                time.sleep(0.1)  # spaced out, so later inits overlap the first 2 s send
             last_answered = time.time()
             rows = wait_until(lambda: settled(data, count), 20, "every message to be sent")
 

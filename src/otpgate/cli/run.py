@@ -98,22 +98,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.workers,
         store_kind,
     )
-    # uvicorn re-raises the SIGTERM it handled once it has drained; a no-op handler installed
-    # first receives that re-raise, so a drained shutdown exits 0 as OPERATOR.md promises.
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    from otpgate.server.supervisor import run_workers, uvicorn_options
+
     try:
+        if args.workers > 1:
+            return run_workers(args.workers, args.host, args.port)
+        # uvicorn re-raises the SIGTERM it handled once it has drained; a no-op handler
+        # installed first receives that re-raise, so a drained shutdown exits 0.
+        signal.signal(signal.SIGTERM, lambda *_: None)
         uvicorn.run(
-            "otpgate.server.app:create_app",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            access_log=False,
-            log_config=None,
-            timeout_graceful_shutdown=10,
+            "otpgate.server.app:create_app", host=args.host, port=args.port, **uvicorn_options()
         )
     except OSError as exc:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 def generate_code(length: int) -> str:
     """A uniform decimal code from the OS CSPRNG."""
-    return "".join(secrets.choice("0123456789") for _ in range(length))
+    return f"{secrets.randbelow(10**length):0{length}d}"
 
 
 def hash_token(token: str) -> bytes:

@@ -11,6 +11,7 @@ the exposition then aggregates all of them (prometheus_client's multiprocess mod
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -20,6 +21,7 @@ _BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 class RequestRecorder:
     def __init__(self) -> None:
+        self._series: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "otpgate_requests",
@@ -48,8 +50,16 @@ class RequestRecorder:
         )
 
     def record(self, api: str, result_code: str, seconds: float) -> None:
-        self.requests.labels(api, result_code).inc()
-        self.latency.labels(api).observe(seconds)
+        # Labelled children are cached: ``.labels()`` costs more than the increment itself.
+        key = (api, result_code)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (
+                self.requests.labels(api, result_code),
+                self.latency.labels(api),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def delivery(self, provider: str, outcome: str) -> None:
         self.deliveries.labels(provider, outcome).inc()

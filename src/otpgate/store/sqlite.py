@@ -321,8 +321,10 @@ class SqliteStore:
     ) -> VerifyDecision:
         state, attempts, max_attempts, user_id = row
         if state == "passed":
+            # Only a user with a failure streak needs a write (one page less on most passes).
             db.execute(
-                "UPDATE users SET failed_verifies = 0, lockout_level = 0 WHERE user_id = ?",
+                "UPDATE users SET failed_verifies = 0, lockout_level = 0 WHERE user_id = ?"
+                " AND (failed_verifies <> 0 OR lockout_level <> 0)",
                 (user_id,),
             )
             return VerifyDecision(VerifyStatus.PASSED, user_id=user_id)
