@@ -37,7 +37,7 @@ test: install-test services
 	$(MAKE) lint
 
 lint: install-test
-	$(BIN)/ruff check src tests bench bench/run bench/soak
+	$(BIN)/ruff check src tests bench bench/soak bench/delivery_isolation
 	$(BIN)/mypy
 
 services:
