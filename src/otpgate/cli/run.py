@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -211,7 +212,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ]
         )
         step("4. access token for DEMO_MERCHANT -> alice")
-        settings = load_settings(data)
+        # The demo prints its own steps; the per-request access log would only interleave.
+        settings = dataclasses.replace(load_settings(data), access_log=False)
         import contextlib
         import io
 
