@@ -120,8 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Delivery alone, for scale-out: SIGTERM finishes the batch in hand and exits 0."""
-    from otpgate.delivery.setup import build_providers
-    from otpgate.delivery.worker import DeliveryWorker
+    from otpgate.delivery.setup import build_providers, build_worker
 
     settings = settings_of(args)
     _require_init(settings)
@@ -130,14 +129,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     async def go() -> None:
         store = await open_store(settings)
         providers = build_providers(settings)
-        worker = DeliveryWorker(
-            store,
-            providers,
-            max_tries=settings.outbox_max_tries,
-            lease_seconds=settings.outbox_lease_seconds,
-            poll_seconds=settings.outbox_poll_seconds,
-            retry_base_seconds=settings.outbox_retry_base_seconds,
-        )
+        worker = build_worker(store, providers, settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from otpgate.config import Settings
 from otpgate.delivery.base import DeliveryProvider
+from otpgate.delivery.worker import DeliveryListener, DeliveryWorker, OutboxStore
 
 
 def channel_providers(settings: Settings) -> dict[str, str]:
@@ -38,3 +41,21 @@ def build_providers(settings: Settings) -> dict[str, DeliveryProvider]:
             **extra,  # type: ignore[arg-type]
         )
     return providers
+
+
+def build_worker(
+    store: OutboxStore,
+    providers: Mapping[str, DeliveryProvider],
+    settings: Settings,
+    listener: DeliveryListener | None = None,
+) -> DeliveryWorker:
+    """The delivery worker with the outbox settings: one place for `serve` and `worker`."""
+    return DeliveryWorker(
+        store,
+        providers,
+        max_tries=settings.outbox_max_tries,
+        lease_seconds=settings.outbox_lease_seconds,
+        poll_seconds=settings.outbox_poll_seconds,
+        retry_base_seconds=settings.outbox_retry_base_seconds,
+        listener=listener,
+    )

@@ -23,9 +23,8 @@ from otpgate.core.models import FailurePolicy, SendLimits
 from otpgate.core.otp import CodeHasher
 from otpgate.core.service import AuthenticationService, OtpPolicy
 from otpgate.datadir import load_secrets, load_server_key
-from otpgate.delivery.setup import build_providers, channel_providers
+from otpgate.delivery.setup import build_providers, build_worker, channel_providers
 from otpgate.delivery.templates import render_message
-from otpgate.delivery.worker import DeliveryWorker
 from otpgate.protocol import Signer
 from otpgate.server.api import ApiSettings, SignedApi
 from otpgate.server.directory import ClientDirectory
@@ -76,7 +75,6 @@ class OtpGateApp:
         )
         self._store: Store | None = None
         self._limiter: ClientRateLimiter | None = None
-        self.worker: DeliveryWorker | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPS_PATHS and self.api is not None:
@@ -97,15 +95,7 @@ class OtpGateApp:
         )
         self._limiter = limiter
         providers = build_providers(settings)
-        worker = DeliveryWorker(
-            store,
-            providers,
-            max_tries=settings.outbox_max_tries,
-            lease_seconds=settings.outbox_lease_seconds,
-            poll_seconds=settings.outbox_poll_seconds,
-            retry_base_seconds=settings.outbox_retry_base_seconds,
-            listener=self.recorder,
-        )
+        worker = build_worker(store, providers, settings, self.recorder)
         in_process = settings.delivery_in_process
         access_log = AccessLog() if settings.access_log else None
         service = AuthenticationService(
