@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -87,9 +86,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _migrate(settings)
     # Worker processes re-read settings from the environment.
     os.environ["OTPGATE_DATA_DIR"] = str(settings.data_dir.resolve())
-    if args.workers > 1:
-        metrics_dir = Path(tempfile.mkdtemp(prefix="otpgate-metrics-"))
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     _configure_logging(settings)
     store_kind = "sqlite" if settings.uses_sqlite else "postgresql"
     log.info(
@@ -112,9 +108,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except OSError as exc:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    finally:
-        if args.workers > 1:
-            shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
     return 0
 
 

@@ -15,8 +15,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -73,8 +75,21 @@ def _worker_main(host: str, port: int) -> None:
 
 
 def run_workers(count: int, host: str, port: int) -> int:
-    """Run ``count`` serving processes until SIGTERM or SIGINT; return the exit status."""
+    """Run ``count`` serving processes until SIGTERM or SIGINT; return the exit status.
+
+    The processes share a fresh Prometheus multiprocess directory, so a scrape of any one of
+    them reports all of them; it is removed when they have stopped."""
     _check_port_free(host, port)
+    metrics_dir = tempfile.mkdtemp(prefix="otpgate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return _supervise(count, host, port)
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(count: int, host: str, port: int) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = False
 
