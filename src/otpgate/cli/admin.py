@@ -10,7 +10,14 @@ from typing import Any
 
 from otpgate.cli.output import CommandError, emit, iso, table, with_store
 from otpgate.core.contacts import normalize_email, normalize_phone
-from otpgate.core.models import CHANNELS, Client, ClientKey, User, UserStatus
+from otpgate.core.models import (
+    CHANNELS,
+    MAX_CLIENT_ID_LENGTH,
+    Client,
+    ClientKey,
+    User,
+    UserStatus,
+)
 from otpgate.core.otp import hash_token, new_token
 from otpgate.protocol.signing import load_public_key, public_key_pem
 from otpgate.store import Store
@@ -41,8 +48,8 @@ def cmd_client_add(args: argparse.Namespace) -> int:
     channels = frozenset(c.strip().upper() for c in args.channels.split(",") if c.strip())
     if not channels or channels - set(CHANNELS):
         raise CommandError("--channels takes SMS, EMAIL or SMS,EMAIL")
-    if not args.client_id or len(args.client_id) > 64:
-        raise CommandError("CLIENT_ID must be 1 to 64 characters")
+    if not args.client_id or len(args.client_id) > MAX_CLIENT_ID_LENGTH:
+        raise CommandError(f"CLIENT_ID must be 1 to {MAX_CLIENT_ID_LENGTH} characters")
     client = Client(
         client_id=args.client_id,
         sandbox=args.sandbox or args.client_id.startswith("SANDBOX_"),

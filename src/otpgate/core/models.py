@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 CHANNELS = ("SMS", "EMAIL")
 APIS = ("initAuthentication", "verifyAuthentication")
 SCOPE_SEND_OTP = "SEND_OTP"
+MAX_CLIENT_ID_LENGTH = 64  # registered ids; longer ones are refused before any lookup
 
 
 class UserStatus(enum.StrEnum):

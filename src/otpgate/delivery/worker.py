@@ -112,14 +112,17 @@ class DeliveryWorker:
     async def run_once(self) -> int:
         messages = await self._store.claim_due(self._clock(), self._batch, self._lease)
         now = self._clock()
-        # The local inbox lives in the store: its messages are filed in one transaction.
-        local = [m for m in messages if m.provider == INBOX and m.expires_at > now]
+        # The local inbox lives in the store: its live messages are filed in one transaction.
+        local: list[ClaimedMessage] = []
+        others: list[ClaimedMessage] = []
+        for message in messages:
+            is_local = message.provider == INBOX and message.expires_at > now
+            (local if is_local else others).append(message)
         if local:
             await self._store.deliver_to_inbox(local, now)
             for _ in local:
                 self._record(INBOX, "sent")
         # The rest concurrently: one slow gateway must not hold up the batch.
-        others = [m for m in messages if not (m.provider == INBOX and m.expires_at > now)]
         if others:
             await asyncio.gather(*(self._deliver(message) for message in others))
         return len(messages)

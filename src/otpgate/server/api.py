@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from starlette.types import Message, Receive, Scope, Send
 
+from otpgate.core.models import MAX_CLIENT_ID_LENGTH
 from otpgate.core.ports import Clock, RateLimiter
 from otpgate.core.service import INIT, VERIFY, AuthenticationService, Outcome
 from otpgate.protocol import (
@@ -37,8 +38,6 @@ from otpgate.server.logs import AccessLog
 from otpgate.server.observe import RequestRecorder
 
 log = logging.getLogger("otpgate.api")
-
-MAX_CLIENT_ID_LENGTH = 64
 
 _API_PATHS: dict[str, tuple[str, bool]] = {}
 for _api in (INIT, VERIFY):
@@ -111,7 +110,7 @@ class SignedApi:
             self._access_log.write(
                 trace_id=trace_id,
                 api=api or "unknown",
-                client_id=client_id[:64],
+                client_id=client_id[:MAX_CLIENT_ID_LENGTH],
                 result_code=outcome.code.name,
                 ms=round(elapsed * 1000, 3),
             )
@@ -135,7 +134,10 @@ class SignedApi:
         if len(client_id) > MAX_CLIENT_ID_LENGTH:
             # Registered ids are at most 64 characters; refusing longer ones before the lookup
             # keeps strangers from filling the client cache with huge keys.
-            raise _Reject(ResultCode.CLIENT_INVALID, "Client-Id is longer than 64 characters")
+            raise _Reject(
+                ResultCode.CLIENT_INVALID,
+                f"Client-Id is longer than {MAX_CLIENT_ID_LENGTH} characters",
+            )
         resolved = await self._directory.get(client_id)
         if resolved is None or not resolved.client.enabled:
             raise _Reject(ResultCode.CLIENT_INVALID, "unknown or disabled client")

@@ -15,7 +15,7 @@ from typing import BinaryIO
 import msgspec
 
 # Fields callers may pass with ``extra=``; nothing else of a record is copied into the line.
-_EXTRA_FIELDS = ("trace_id", "api", "client_id", "result_code", "ms")
+_EXTRA_FIELDS = ("trace_id", "api")
 
 
 class JsonFormatter(logging.Formatter):

@@ -115,7 +115,9 @@ class SqliteStore:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
                 if time.monotonic() > deadline:
-                    raise StoreUnavailable("the database stayed locked for 10 s") from exc
+                    raise StoreUnavailable(
+                        f"the database stayed locked for {_LOCK_WAIT_SECONDS:g} s"
+                    ) from exc
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.001)
 
