@@ -190,3 +190,11 @@ def test_settings_errors_are_reported(tmp_path: Path) -> None:
         handle.write("OTP_LENGTH = 4\n")
     result = run("user", "list", data_dir=data)
     assert result.returncode == 2 and "OTP_LENGTH" in result.stderr
+
+
+def test_max_body_bytes_cannot_exceed_what_the_decoder_accepts(tmp_path: Path) -> None:
+    data = init_data_dir(tmp_path / "data")
+    with (data / "config.toml").open("a") as handle:
+        handle.write("MAX_BODY_BYTES = 100000\n")
+    result = run("user", "list", data_dir=data)
+    assert result.returncode == 2 and "MAX_BODY_BYTES" in result.stderr

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from otpgate.protocol.messages import MAX_BODY_BYTES
+
 DEFAULT_DATA_DIR = "./otpgate-data"
 CONFIG_FILE = "config.toml"
 
@@ -37,7 +39,7 @@ class Settings:
     user_lockout_max_seconds: int = 86_400
     client_rate_per_second: int = 100
     # HTTP
-    max_body_bytes: int = 65_536
+    max_body_bytes: int = MAX_BODY_BYTES  # can only be lowered: the body decoder caps it
     server_key_version: int = 1
     client_cache_seconds: float = 1.0
     # Backends
@@ -144,6 +146,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("OTP_LENGTH must be between 6 and 10")
     if s.otp_max_attempts < 1 or s.otp_ttl_seconds < 1:
         raise ConfigError("OTP_MAX_ATTEMPTS and OTP_TTL_SECONDS must be at least 1")
+    if not 1 <= s.max_body_bytes <= MAX_BODY_BYTES:
+        raise ConfigError(f"MAX_BODY_BYTES must be between 1 and {MAX_BODY_BYTES}")
     if s.email_provider not in {"inbox", "smtp"}:
         raise ConfigError("EMAIL_PROVIDER must be inbox or smtp")
     if s.sms_provider not in {"inbox", "http"}:

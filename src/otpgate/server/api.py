@@ -19,6 +19,7 @@ from otpgate.core.models import MAX_CLIENT_ID_LENGTH
 from otpgate.core.ports import Clock, RateLimiter
 from otpgate.core.service import INIT, VERIFY, AuthenticationService, Outcome
 from otpgate.protocol import (
+    MAX_BODY_BYTES,
     ProtocolError,
     ResultCode,
     Signer,
@@ -48,7 +49,7 @@ for _api in (INIT, VERIFY):
 
 @dataclass(frozen=True)
 class ApiSettings:
-    max_body_bytes: int = 65_536
+    max_body_bytes: int = MAX_BODY_BYTES
     request_time_window_seconds: int = 600
     client_rate_per_second: int = 100
 
