@@ -105,9 +105,14 @@ def _supervise(count: int, host: str, port: int) -> int:
             if process.is_alive() and process.pid is not None:
                 _signal_quietly(process.pid, signal.SIGTERM)
 
-    workers = [start() for _ in range(count)]
+    # Handlers first, so a signal during start-up is never lost; workers started after it
+    # are signalled as soon as they all exist.
+    workers: list[BaseProcess] = []
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    workers.extend(start() for _ in range(count))
+    if stopping:
+        stop(signal.SIGTERM, None)
     while not stopping:
         time.sleep(0.2)
         for index, process in enumerate(workers):
